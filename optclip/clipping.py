@@ -1,0 +1,608 @@
+"""Coordinate-wise clipping to the top-k% magnitude (Pan & Li 2023, Section 4.1).
+
+The clipped gradient is ĝ_i = sgn(g_i) · min(|g_i|, τ), where τ is the k-th largest |g_i| over
+all finite coordinates of all floating-point leaves, k = ⌈fraction · n⌉.
+
+Finding τ exactly is a selection problem. Concatenating the leaves and sorting (what
+`jnp.quantile` does) costs seconds at 10M coordinates, so this module selects on the float bit
+pattern instead: for non-negative IEEE floats, the order of the values is the order of their
+bits read as integers ("keys"). A bracket [lo, hi) of keys with count(|g| ≥ lo) ≥ k >
+count(|g| ≥ hi) is narrowed until it holds one key. Each narrowing step is a handful of
+per-leaf reductions (never a gather or a sort of the data), so under `jax.sharding` its only
+communication is a few scalars. The pivots of each step come from a small strided sample
+(first step), from interpolation of the exact counts (later steps), and from "snapping" the
+bracket to the largest and smallest element inside it; a key-space trisection every few steps
+bounds the worst case.
+
+References:
+  Pan & Li, Toward Understanding Why Adam Converges Faster Than SGD for Transformers, 2023
+  (arXiv 2306.00204).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+__all__ = [
+    "CoordClipState",
+    "clip_threshold",
+    "clip_to_threshold",
+    "coord_clip",
+    "validate_fraction",
+]
+
+# Target size of the strided sample that seeds the first bracket. Its sort is the only sort in
+# the selection; 16K elements sort in a few milliseconds on a CPU core.
+_SAMPLE_SIZE = 16384
+# Sample ranks of the first pivots, in standard deviations of the sample quantile around k.
+_SAMPLE_Z = (-4.0, -1.0, 1.0, 4.0)
+# Later pivots: count targets k + spread · these (see _interpolated_pivots).
+_INTERP_SPREADS = (1.0, -1.0)
+# A bracket whose answer is among its _TOP_K largest elements is finished by one top_k pass.
+_TOP_K = 64
+_MAX_STEPS = 200
+
+
+def validate_fraction(value: Any, name: str) -> Any:
+  """Checks that a clipping fraction is a number in (0, 1]; returns it unchanged.
+
+  Traced values (under `jit` or `optax.inject_hyperparams`) can only be checked for shape.
+
+  Raises:
+    ValueError: naming `name` when the value is not a real number in (0, 1].
+  """
+  if isinstance(value, jax.core.Tracer):
+    if jnp.ndim(value) != 0:
+      raise ValueError(f"{name} must be a scalar, got shape {jnp.shape(value)}")
+    return value
+  if isinstance(value, (bool, np.bool_)) or not isinstance(
+      value, (numbers.Real, np.ndarray, jax.Array)):
+    raise ValueError(f"{name} must be a number in (0, 1], got {value!r}")
+  if isinstance(value, (np.ndarray, jax.Array)):
+    if np.ndim(value) != 0 or not np.issubdtype(np.asarray(value).dtype, np.floating) and \
+        not np.issubdtype(np.asarray(value).dtype, np.integer):
+      raise ValueError(f"{name} must be a scalar number in (0, 1], got {value!r}")
+  number = float(value)
+  if not 0.0 < number <= 1.0:  # also rejects NaN
+    raise ValueError(f"{name} must be a number in (0, 1], got {value!r}")
+  return value
+
+
+def _is_float_leaf(leaf: Any) -> bool:
+  return leaf is not None and jnp.issubdtype(jnp.result_type(leaf), jnp.floating)
+
+
+class _Bits(NamedTuple):
+  """Constants of the float format that the keys are read in."""
+  float_dtype: Any
+  key_dtype: Any
+  precision: int  # significand bits including the implicit one (24 for float32)
+  bias: int
+  max_exp: int
+  inf_key: int
+  min_normal_key: int
+
+
+def _bits_for(dtypes: Sequence[Any]) -> _Bits:
+  # bfloat16 and float16 widen to float32 exactly, so float32 keys order all of them; float64
+  # (with jax_enable_x64) needs 64-bit keys.
+  if any(jnp.dtype(d) == jnp.float64 for d in dtypes):
+    return _Bits(jnp.float64, jnp.int64, 53, 1023, 1024, 0x7FF0000000000000, 1 << 52)
+  return _Bits(jnp.float32, jnp.int32, 24, 127, 128, 0x7F800000, 1 << 23)
+
+
+def _key_to_value(key, bits: _Bits):
+  return jax.lax.bitcast_convert_type(key.astype(bits.key_dtype), bits.float_dtype)
+
+
+def _value_to_key(value, bits: _Bits):
+  return jax.lax.bitcast_convert_type(value.astype(bits.float_dtype), bits.key_dtype)
+
+
+def _below_indicator(a, pivot_keys, bits: _Bits):
+  """1.0 where a < pivot, 0.0 where a >= pivot, for finite a >= 0; exact and compare-free.
+
+  Shapes: a (...), pivot_keys (P,) -> (P, ...). XLA on CPU vectorises float min/mul/add
+  reductions but not compare/select or integer ones (measured 2-3x slower), so the comparison
+  is arithmetic: t - min(a, t) is zero exactly when a >= t and otherwise at least 2^(e - p)
+  for t in [2^e, 2^(e+1)); scaling it by 2^(p - e) and capping at 1 gives the indicator.
+  Pivots below 2^-100 are first lifted, with a, by a power of two so that the scale stays
+  finite; scaling by powers of two keeps the order (values that overflow stay >= t).
+  """
+  pivot_keys = pivot_keys.astype(bits.key_dtype)
+  exponent_field = (pivot_keys >> (bits.precision - 1)).astype(jnp.int32)
+  exponent = jnp.where(exponent_field > 0, exponent_field - bits.bias, 1 - bits.bias)
+  lift_exp = 100 if bits.precision == 24 else 900
+  small = exponent < bits.precision - bits.max_exp + 2
+  one = jnp.ones((), bits.float_dtype)
+  lift = jnp.where(small, jnp.ldexp(one, lift_exp), one)
+  exponent = jnp.where(small, exponent + lift_exp, exponent)
+  scale = jnp.ldexp(one, bits.precision - exponent)
+  expand = (slice(None),) + (None,) * a.ndim
+  t = (_key_to_value(pivot_keys, bits) * lift)[expand]
+  lifted = a[None] * lift[expand]
+  return jnp.minimum((t - jnp.minimum(lifted, t)) * scale[expand], 1)
+
+
+def _exact_counts(indicator) -> jax.Array:
+  """Sums a (P, ...) 0/1 float array over all but the first axis, exactly, as int32."""
+  axes = tuple(range(1, indicator.ndim))
+  per_row = indicator[0].size
+  limit = 2 ** 24 if indicator.dtype == jnp.float32 else 2 ** 53
+  if per_row < limit:
+    return jnp.sum(indicator, axis=axes).astype(jnp.int32)
+  if indicator.ndim >= 3 and indicator.shape[-1] < limit:
+    return jnp.sum(jnp.sum(indicator, axis=-1).astype(jnp.int32), axis=axes[:-1])
+  return jnp.sum(indicator.astype(jnp.int32), axis=axes)
+
+
+class _Problem(NamedTuple):
+  """One selection problem: leaves split into groups, each group with its own k."""
+  raw_leaves: list  # the floating leaves as given; |g| is taken inside every pass (fused)
+  group_of_leaf: list  # static group index per leaf
+  num_groups: int
+  k: jax.Array  # (G,) int32, 1 <= k <= n (k = 0 marks a group with no finite coordinate)
+  n: jax.Array  # (G,) int32 finite coordinates per group
+  bits: _Bits
+  gather_ok: bool  # False for explicitly sharded leaves: no reshape, top_k or sample gather
+  finite_only: bool  # True when every entry is known to be finite
+
+  @property
+  def leaves(self):
+    """|g| in the key float dtype, non-finite entries zeroed; recomputed (fused) per pass."""
+    dtype = self.bits.float_dtype
+    if self.finite_only:
+      return [jnp.abs(l).astype(dtype) for l in self.raw_leaves]
+    return [jnp.where(jnp.isfinite(l), jnp.abs(l), 0).astype(dtype) for l in self.raw_leaves]
+
+
+def _group_combine(per_leaf: list, problem: _Problem, combine, fill):
+  """Combines per-leaf arrays of shape (P,) into per-group arrays of shape (G, P)."""
+  rows = [None] * problem.num_groups
+  for value, group in zip(per_leaf, problem.group_of_leaf):
+    rows[group] = value if rows[group] is None else combine(rows[group], value)
+  width = per_leaf[0].shape[0] if per_leaf else 1
+  return jnp.stack([r if r is not None else jnp.full((width,), fill) for r in rows])
+
+
+def _count_ge(problem: _Problem, pivots) -> jax.Array:
+  """Exact count of |g| >= pivot per group: pivots (G, P) keys -> (G, P) int32.
+
+  CPUs flush subnormals to zero inside XLA kernels, which the float indicator cannot see
+  through; pivots below the smallest normal number therefore compare integer keys (slower,
+  and only reached when the threshold itself is zero or subnormal).
+  """
+  def fast():
+    return [leaf.size - _exact_counts(_below_indicator(leaf, pivots[group], problem.bits))
+            for leaf, group in zip(problem.leaves, problem.group_of_leaf)]
+
+  def exact():
+    return [jnp.sum(_value_to_key(leaf, problem.bits)[None] >= _expand(pivots[group], leaf),
+                    axis=tuple(range(1, leaf.ndim + 1)), dtype=jnp.int32)
+            for leaf, group in zip(problem.leaves, problem.group_of_leaf)]
+
+  subnormal = jnp.any(pivots < problem.bits.min_normal_key)
+  per_leaf = jax.lax.cond(subnormal, exact, fast)
+  return _group_combine(per_leaf, problem, jnp.add, 0)
+
+
+def _expand(pivots, leaf):
+  return pivots[(slice(None),) + (None,) * leaf.ndim]
+
+
+def _snap(problem: _Problem, lo, hi):
+  """Largest key below hi and smallest key at or above lo, per group (one pass, on keys)."""
+  bits = problem.bits
+  inf_key = jnp.asarray(bits.inf_key, bits.key_dtype)
+  maxima, minima = [], []
+  for leaf, group in zip(problem.leaves, problem.group_of_leaf):
+    keys = _value_to_key(leaf, bits)
+    maxima.append(jnp.max(jnp.where(keys < hi[group], keys, 0), initial=0)[None])
+    minima.append(jnp.min(jnp.where(keys >= lo[group], keys, inf_key), initial=inf_key)[None])
+  largest = _group_combine(maxima, problem, jnp.maximum, 0)[:, 0]
+  smallest = _group_combine(minima, problem, jnp.minimum, bits.inf_key)[:, 0]
+  return largest.astype(bits.key_dtype), smallest.astype(bits.key_dtype)
+
+
+def _top_below(problem: _Problem, hi, r):
+  """Key of the r-th largest element below hi per group (r <= _TOP_K), from per-leaf top_k."""
+  bits = problem.bits
+  candidates = [[] for _ in range(problem.num_groups)]
+  for leaf, group in zip(problem.leaves, problem.group_of_leaf):
+    if leaf.size == 0:
+      continue
+    # top_k on float values: on CPU it is ~30x faster than on integer keys. Its comparisons
+    # may treat subnormals as zero, so the caller only uses it when lo is a normal number.
+    flat = jnp.ravel(leaf)
+    masked = jnp.where(flat < _key_to_value(hi[group], bits), flat, 0)
+    # Zeros never displace real candidates: every element is >= 0.
+    candidates[group].append(jax.lax.top_k(masked, min(_TOP_K, masked.size))[0])
+  answers = []
+  for group in range(problem.num_groups):
+    if not candidates[group]:
+      answers.append(jnp.zeros((), bits.key_dtype))
+      continue
+    merged = jnp.concatenate(candidates[group])
+    top = jax.lax.top_k(merged, min(_TOP_K, merged.size))[0]
+    answers.append(_value_to_key(top[jnp.clip(r[group] - 1, 0, top.shape[0] - 1)], bits))
+  return jnp.stack(answers)
+
+
+def _sample_pivots(problem: _Problem):
+  """Pivots per group bracketing the k-th largest of a strided sample of each group."""
+  bits = problem.bits
+  members = [[] for _ in range(problem.num_groups)]
+  total = sum(leaf.size for leaf in problem.leaves)
+  for leaf, group in zip(problem.leaves, problem.group_of_leaf):
+    if leaf.size == 0:
+      continue
+    share = max(1, int(round(_SAMPLE_SIZE * leaf.size / max(total, 1))))
+    if problem.num_groups > 1:  # per-leaf thresholds: every leaf gets its own sample
+      share = max(512, _SAMPLE_SIZE // problem.num_groups)
+    axis = int(np.argmax(leaf.shape)) if leaf.ndim else 0
+    sample = leaf
+    if leaf.ndim and leaf.size > share:
+      stride = min(leaf.shape[axis], max(1, leaf.size // share))
+      sample = jax.lax.slice_in_dim(leaf, 0, leaf.shape[axis], stride, axis)
+    members[group].append(jnp.ravel(sample))
+  pivots = []
+  for group in range(problem.num_groups):
+    if not members[group]:
+      pivots.append(jnp.zeros((len(_SAMPLE_Z),), bits.key_dtype))
+      continue
+    sample = jnp.sort(jnp.concatenate(members[group]))[::-1]
+    size = sample.shape[0]
+    q = problem.k[group].astype(jnp.float32) / jnp.maximum(problem.n[group], 1)
+    sigma = jnp.sqrt(size * q * (1 - q)) + 1
+    ranks = q * size + jnp.asarray(_SAMPLE_Z) * sigma
+    index = jnp.clip(jnp.round(ranks).astype(jnp.int32), 0, size - 1)
+    pivots.append(_value_to_key(sample[index], bits))
+  return jnp.stack(pivots)
+
+
+def _interpolated_pivots(problem: _Problem, s: "_LoopState"):
+  """Pivots where the counts, linearly interpolated in value, cross k ± a spread.
+
+  Inside a narrow bracket the count is close to linear in the value; the error is a small
+  fraction of the bracket plus the counting noise of its elements, ~sqrt(width).
+  """
+  bits = problem.bits
+  k = problem.k.astype(jnp.float32)
+  width = jnp.maximum(s.c_lo - s.c_hi, 1).astype(jnp.float32)
+  spread = width / 32 + 3 * jnp.sqrt(width) + 1
+  targets = k[:, None] + spread[:, None] * jnp.asarray(_INTERP_SPREADS)[None]
+  fractions = jnp.clip((s.c_lo[:, None] - targets) / width[:, None], 0.0, 1.0)
+  lo_value = _key_to_value(s.lo, bits).astype(jnp.float32)
+  hi_value = _key_to_value(s.hi, bits).astype(jnp.float32)
+  values = lo_value[:, None] + (hi_value - lo_value)[:, None] * fractions
+  interp = _value_to_key(values.astype(bits.float_dtype), bits)
+  # Key-space quartering bounds the worst case: without a finite upper bound, when the last
+  # count step did not halve the bracket, and when few keys are left.
+  span = s.hi - s.lo
+  count = len(_INTERP_SPREADS)
+  quarters = s.lo[:, None] + (span[:, None] // (count + 1)) * jnp.arange(
+      1, count + 1, dtype=span.dtype)[None]
+  stalled = (s.c_lo - s.c_hi) * 2 > s.width_before_count
+  use_quarters = stalled | ~jnp.isfinite(hi_value) | (span <= 64)
+  pivots = jnp.where(use_quarters[:, None], quarters, interp)
+  return jnp.clip(pivots, (s.lo + 1)[:, None], (s.hi - 1)[:, None])
+
+
+def _update_bracket(problem: _Problem, s: "_LoopState", pivots, counts) -> "_LoopState":
+  """Moves lo up to the highest pivot with count >= k and hi down to the lowest with < k."""
+  k = problem.k[:, None]
+  key_dtype = s.lo.dtype
+  inf_key = jnp.asarray(problem.bits.inf_key, key_dtype)
+  ge = counts >= k
+  new_lo = jnp.max(jnp.where(ge, pivots, jnp.zeros((), key_dtype)), axis=1)
+  new_hi = jnp.min(jnp.where(ge, inf_key, pivots), axis=1)
+  c_at_new_lo = jnp.max(jnp.where(ge & (pivots == new_lo[:, None]), counts, -1), axis=1)
+  c_at_new_hi = jnp.max(jnp.where(~ge & (pivots == new_hi[:, None]), counts, -1), axis=1)
+  raise_lo = (new_lo > s.lo) & s.active
+  lower_hi = (new_hi < s.hi) & s.active
+  return s._replace(
+      lo=jnp.where(raise_lo, new_lo, s.lo), hi=jnp.where(lower_hi, new_hi, s.hi),
+      c_lo=jnp.where(raise_lo, c_at_new_lo, s.c_lo),
+      c_hi=jnp.where(lower_hi, c_at_new_hi, s.c_hi),
+      width_before_count=jnp.where(s.active, s.c_lo - s.c_hi, s.width_before_count),
+      just_snapped=jnp.zeros((), bool))
+
+
+class _LoopState(NamedTuple):
+  lo: jax.Array  # (G,) keys with count(|g| >= lo) = c_lo >= k
+  hi: jax.Array  # (G,) keys with count(|g| >= hi) = c_hi < k
+  c_lo: jax.Array
+  c_hi: jax.Array
+  width_before_count: jax.Array  # bracket width (elements) before the last count step
+  just_snapped: jax.Array
+  step: jax.Array
+
+  @property
+  def active(self):
+    return (self.hi - self.lo) > 1
+
+
+def _finish(s: _LoopState, solved, answer) -> _LoopState:
+  return s._replace(lo=jnp.where(solved, answer, s.lo), hi=jnp.where(solved, answer + 1, s.hi))
+
+
+def _select(problem: _Problem) -> jax.Array:
+  """Key of the k-th largest element per group (the inf key for groups without elements)."""
+  bits = problem.bits
+  G = problem.num_groups
+  empty = problem.k <= 0
+  state = _LoopState(
+      lo=jnp.zeros((G,), bits.key_dtype), hi=jnp.full((G,), bits.inf_key, bits.key_dtype),
+      c_lo=problem.n, c_hi=jnp.zeros((G,), jnp.int32), width_before_count=problem.n,
+      just_snapped=jnp.zeros((), bool), step=jnp.zeros((), jnp.int32))
+  pivots = jnp.clip(_sample_pivots(problem), (state.lo + 1)[:, None],
+                    (state.hi - 1)[:, None])
+  state = _update_bracket(problem, state, pivots, _count_ge(problem, pivots))
+  # Groups without finite coordinates finish at once: τ = +inf, nothing is clipped.
+  state = _finish(state, empty, jnp.full((G,), bits.inf_key, bits.key_dtype))
+
+  def top_k_step(s):
+    r = problem.k - s.c_hi
+    answer = _top_below(problem, s.hi, r)
+    return _finish(s, s.active & (r <= _TOP_K), answer)._replace(step=s.step + 1)
+
+  def snap_step(s):
+    # The bracket's largest element is the answer when r == 1, its smallest when r == width,
+    # and either when they are equal; otherwise the bracket shrinks to [smallest, largest].
+    largest, smallest = _snap(problem, s.lo, s.hi)
+    r = problem.k - s.c_hi
+    width = s.c_lo - s.c_hi
+    solved = s.active & ((r == 1) | (r == width) | (largest == smallest))
+    answer = jnp.where(r == width, smallest, largest)
+    snapped = s._replace(lo=jnp.where(s.active, smallest, s.lo),
+                         hi=jnp.where(s.active, largest + 1, s.hi))
+    return _finish(snapped, solved, answer)._replace(
+        just_snapped=jnp.ones((), bool), step=s.step + 1)
+
+  def count_step(s):
+    pivots = _interpolated_pivots(problem, s)
+    s = _update_bracket(problem, s, pivots, _count_ge(problem, pivots))
+    return s._replace(step=s.step + 1)
+
+  def body(s):
+    r = problem.k - s.c_hi
+    width = s.c_lo - s.c_hi
+    wants_snap = s.active & ~s.just_snapped & ((r == 1) | (r == width) | (width <= 4))
+    snap_or_count = lambda s: jax.lax.cond(jnp.any(wants_snap), snap_step, count_step, s)
+    if not problem.gather_ok:
+      return snap_or_count(s)
+    # One per-leaf top_k finishes every group whose answer is among the _TOP_K largest
+    # elements below hi (and is a normal number, see _top_below).
+    ready = ~s.active | ((r <= _TOP_K) & (s.lo >= bits.min_normal_key))
+    return jax.lax.cond(jnp.all(ready), top_k_step, snap_or_count, s)
+
+  def cond(s):
+    return jnp.any(s.active) & (s.step < _MAX_STEPS)
+
+  return jax.lax.while_loop(cond, body, state).lo
+
+
+def _top_count(fraction, n, static_n: int | None):
+  """k = ceil(fraction · n), at least 1 (0 when n == 0).
+
+  For a Python-number fraction and a static n this is numpy's float64 arithmetic,
+  `ceil(fraction * n)`. Otherwise (a traced fraction, or n counted on device because some
+  coordinates are not finite) it is the ceiling of the exact product of the float32 fraction
+  and n, computed with Dekker's error-free product for n < 2^24.
+  """
+  if static_n is not None and not isinstance(fraction, jax.core.Tracer) and \
+      not isinstance(fraction, jax.Array):
+    k = min(static_n, max(1, math.ceil(float(np.float64(fraction) * static_n))))
+    return jnp.asarray(k if static_n else 0, jnp.int32)
+  f = jnp.asarray(fraction, jnp.float32)
+  x = jnp.asarray(n).astype(jnp.float32)
+  p = f * x
+  # Dekker split of both factors into 12-bit halves; the partial products are exact.
+  split = jnp.float32(4097.0)
+  def halves(v):
+    c = split * v
+    high = c - (c - v)
+    return high, v - high
+  f_hi, f_lo = halves(f)
+  x_hi, x_lo = halves(x)
+  err = ((f_hi * x_hi - p) + f_hi * x_lo + f_lo * x_hi) + f_lo * x_lo
+  ceil_p = jnp.ceil(p)
+  k = jnp.where(ceil_p == p, jnp.where(err > 0, p + 1, p), ceil_p)
+  k = jnp.clip(k, 1, x).astype(jnp.int32)
+  return jnp.where(jnp.asarray(n) > 0, k, 0)
+
+
+def _is_sharded(x) -> bool:
+  """True for an array whose type carries an explicit sharding over some mesh axis."""
+  try:
+    spec = jax.typeof(x).sharding.spec
+  except AttributeError:
+    return False
+  return any(axis is not None for axis in spec)
+
+
+def _problem(float_leaves, fraction, per_leaf: bool, finite_only: bool) -> _Problem:
+  bits = _bits_for([l.dtype for l in float_leaves])
+  num_groups = len(float_leaves) if per_leaf else 1
+  group_of_leaf = list(range(len(float_leaves))) if per_leaf else [0] * len(float_leaves)
+  sizes = [int(l.size) for l in float_leaves]
+  if max([sum(sizes)] + sizes) >= 2 ** 31 - 1:
+    raise ValueError("clip_threshold: trees with 2^31 or more coordinates are not supported")
+  if finite_only:
+    group_n = [0] * num_groups
+    for size, group in zip(sizes, group_of_leaf):
+      group_n[group] += size
+    k = jnp.stack([_top_count(fraction, n, n) for n in group_n]) if group_n else \
+        jnp.zeros((0,), jnp.int32)
+    n = jnp.asarray(group_n, jnp.int32)
+  else:
+    finite_counts = [jnp.sum(jnp.isfinite(l), dtype=jnp.int32) for l in float_leaves]
+    group_n = [jnp.zeros((), jnp.int32) for _ in range(num_groups)]
+    for count, group in zip(finite_counts, group_of_leaf):
+      group_n[group] = group_n[group] + count
+    n = jnp.stack(group_n)
+    k = jnp.stack([_top_count(fraction, g, None) for g in group_n])
+  gather_ok = not any(_is_sharded(l) for l in float_leaves)
+  return _Problem(list(float_leaves), group_of_leaf, num_groups, k, n, bits, gather_ok,
+                  finite_only)
+
+
+def _threshold_keys(float_leaves, fraction, per_leaf: bool):
+  """Per-group thresholds as values of the key float dtype."""
+  bits = _bits_for([l.dtype for l in float_leaves])
+  # sum(g * 0) is 0 exactly when every entry is finite: a cheap vectorised check that picks
+  # the fast path (static n) over the path that counts and masks non-finite entries.
+  all_finite = jnp.isfinite(sum(jnp.sum(l.astype(bits.float_dtype) * 0) for l in float_leaves))
+  fast = lambda: _select(_problem(float_leaves, fraction, per_leaf, True))
+  slow = lambda: _select(_problem(float_leaves, fraction, per_leaf, False))
+  keys = jax.lax.cond(all_finite, fast, slow)
+  return _key_to_value(keys, bits)
+
+
+def _output_dtype(float_leaves):
+  return jnp.result_type(*[l.dtype for l in float_leaves])
+
+
+def clip_threshold(tree: Any, fraction: float | jax.Array, *, per_leaf: bool = False) -> Any:
+  """The coordinate-wise clipping threshold τ of a pytree.
+
+  τ is the k-th largest |g| over the finite coordinates of the floating-point leaves, with
+  k = ⌈fraction · n_finite⌉ (at least 1). It equals
+  ``np.sort(np.abs(finite_values))[::-1][k - 1]`` bit for bit. Non-floating leaves (ints,
+  bools) and ``None`` leaves are ignored. A tree without finite coordinates has τ = +inf.
+
+  The computation selects on the float bit pattern with per-leaf reductions; it neither
+  concatenates the leaves nor sorts the coordinates (see the module docstring).
+
+  Args:
+    tree: a pytree of arrays (gradients, updates, ...).
+    fraction: the fraction of coordinates at or above τ, in (0, 1]. May be traced.
+    per_leaf: if True, compute one threshold per floating-point leaf.
+
+  Returns:
+    A scalar in the promoted dtype of the floating leaves, or with ``per_leaf=True`` a pytree
+    shaped like ``tree`` with a scalar per floating leaf and ``None`` elsewhere.
+
+  Example:
+    >>> import jax.numpy as jnp, optclip
+    >>> float(optclip.clip_threshold({'a': jnp.array([3., -1.]), 'b': jnp.array([2., 0.5])}, 0.5))
+    2.0
+
+  References:
+    Pan & Li 2023, arXiv 2306.00204, Section 4.1.
+  """
+  validate_fraction(fraction, "fraction")
+  leaves, treedef = jax.tree.flatten(tree)
+  float_positions = [i for i, l in enumerate(leaves) if _is_float_leaf(l)]
+  float_leaves = [jnp.asarray(leaves[i]) for i in float_positions]
+  if not float_leaves:
+    if per_leaf:
+      return jax.tree.unflatten(treedef, [None] * len(leaves))
+    return jnp.asarray(jnp.inf, jnp.float32)
+  values = _threshold_keys(float_leaves, fraction, per_leaf)
+  if not per_leaf:
+    return values[0].astype(_output_dtype(float_leaves))
+  out = [None] * len(leaves)
+  for group, i in enumerate(float_positions):
+    out[i] = values[group].astype(float_leaves[group].dtype)
+  return jax.tree.unflatten(treedef, out)
+
+
+def _threshold_for_dtype(threshold, dtype):
+  """Casts τ to a leaf dtype, rounding toward zero so that |ĝ| <= τ still holds."""
+  cast = jnp.asarray(threshold).astype(dtype)
+  too_big = cast.astype(jnp.float32) > jnp.asarray(threshold).astype(jnp.float32)
+  return jnp.where(too_big, jnp.nextafter(cast, jnp.zeros((), dtype)), cast)
+
+
+def clip_to_threshold(tree: Any, threshold: Any) -> Any:
+  """ĝ_i = sgn(g_i) · min(|g_i|, τ) on floating leaves; other leaves and non-finite entries pass.
+
+  Args:
+    tree: a pytree of arrays.
+    threshold: a scalar τ, or a pytree of scalars matching ``tree`` (as returned by
+      ``clip_threshold(..., per_leaf=True)``).
+  """
+  def clip_leaf(g, tau):
+    if not _is_float_leaf(g):
+      return g
+    tau = _threshold_for_dtype(tau, g.dtype)
+    return jnp.where(jnp.isfinite(g), jnp.clip(g, -tau, tau), g)
+
+  if isinstance(threshold, (jax.Array, np.ndarray, numbers.Real)):
+    return jax.tree.map(lambda g: clip_leaf(g, threshold), tree)
+  return jax.tree.map(lambda g, t: clip_leaf(g, t) if t is not None else g, tree, threshold,
+                      is_leaf=lambda x: x is None)
+
+
+class CoordClipState(NamedTuple):
+  """State of `coord_clip`: the threshold used at the last step (for logging)."""
+  threshold: Any
+
+
+def _initial_threshold(params, per_leaf: bool):
+  leaves = [l for l in jax.tree.leaves(params) if _is_float_leaf(l)]
+  dtype = _bits_for([l.dtype for l in leaves]).float_dtype if leaves else jnp.float32
+  if not per_leaf:
+    return jnp.asarray(jnp.inf, dtype)
+  return jax.tree.map(
+      lambda p: jnp.asarray(jnp.inf, dtype) if _is_float_leaf(p) else None, params)
+
+
+def coord_clip(fraction: float | jax.Array, *, per_leaf: bool = False
+               ) -> optax.GradientTransformation:
+  """Clips every coordinate to the magnitude of the top-``fraction`` coordinates.
+
+  Update rule, with τ = `clip_threshold(g, fraction, per_leaf=per_leaf)`:
+
+    ĝ_i = sgn(g_i) · min(|g_i|, τ)
+
+  so the ⌈fraction · n⌉ largest coordinates (and their ties) are set to ±τ and the rest pass
+  unchanged. NaN/Inf coordinates are excluded from τ and pass through, so
+  `optax.apply_if_finite` still sees them. Non-floating and ``None`` leaves pass through; every
+  leaf keeps its dtype. Works under `jit`, `optax.inject_hyperparams` (a traced ``fraction``),
+  `optax.masked` and `optax.MultiSteps`.
+
+  Args:
+    fraction: fraction of coordinates to clip, in (0, 1]; ``fraction=1`` clips everything to
+      the smallest |g|.
+    per_leaf: one threshold per leaf instead of one over all parameters.
+
+  Returns:
+    An `optax.GradientTransformation`; its state records the last threshold.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, optclip
+    >>> tx = optax.chain(optclip.coord_clip(0.5), optax.sgd(1.0))
+    >>> params = jnp.array([1., 2., 3., 4.])
+    >>> updates, _ = tx.update(jnp.array([4., -3., 2., 1.]), tx.init(params))
+    >>> updates
+    Array([-3.,  3., -2., -1.], dtype=float32)
+
+  References:
+    Pan & Li 2023, arXiv 2306.00204, Section 4.1 and Figure 5.
+  """
+  validate_fraction(fraction, "fraction")
+
+  def init_fn(params):
+    return CoordClipState(threshold=_initial_threshold(params, per_leaf))
+
+  def update_fn(updates, state, params=None):
+    del params
+    threshold = clip_threshold(updates, fraction, per_leaf=per_leaf)
+    clipped = clip_to_threshold(updates, threshold)
+    if per_leaf:
+      recorded = jax.tree.map(
+          lambda t, old: jnp.asarray(t, old.dtype), threshold, state.threshold)
+    else:
+      recorded = jnp.asarray(threshold, state.threshold.dtype)
+    return clipped, CoordClipState(threshold=recorded)
+
+  return optax.GradientTransformation(init_fn, update_fn)
