@@ -1,0 +1,237 @@
+"""clip_threshold and coord_clip against a NumPy sort, and inside optax's machinery."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optclip
+from tests import oracles
+
+
+def _leaves_of(tree):
+  return [l for l in jax.tree.leaves(tree)]
+
+
+def _random_tree(rng, dtype=np.float32):
+  """A few leaves of varied shapes and distributions, some all-zero or with ties."""
+  leaves = {}
+  for i in range(int(rng.integers(1, 6))):
+    shape = tuple(int(s) for s in rng.integers(1, 40, size=rng.integers(0, 3)))
+    kind = int(rng.integers(0, 5))
+    if kind == 0:
+      x = rng.standard_t(1.5, size=shape)  # heavy tails
+    elif kind == 1:
+      x = rng.integers(-3, 4, size=shape).astype(float)  # many ties
+    elif kind == 2:
+      x = np.zeros(shape)
+    elif kind == 3:
+      x = rng.standard_normal(shape) * 10.0 ** float(rng.integers(-30, 30))
+    else:
+      x = rng.standard_normal(shape)
+    leaves[f"leaf{i}"] = jnp.asarray(np.asarray(x, np.float32)).astype(dtype)
+  return leaves
+
+
+class ThresholdTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_random_trees_match_numpy_sort(self):
+    rng = np.random.default_rng(0)
+    threshold = self.variant(optclip.clip_threshold, static_argnums=1)
+    for _ in range(25):
+      tree = _random_tree(rng)
+      fraction = float(rng.choice([0.001, 0.01, 0.1, 0.33, 0.5, 0.7, 1.0]))
+      got = threshold(tree, fraction)
+      want = oracles.threshold(_leaves_of(tree), fraction)
+      np.testing.assert_array_equal(np.float64(got), want)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_bfloat16_bit_exact(self):
+    rng = np.random.default_rng(1)
+    threshold = self.variant(optclip.clip_threshold, static_argnums=1)
+    for _ in range(10):
+      tree = _random_tree(rng, dtype=jnp.bfloat16)
+      got = threshold(tree, 0.1)
+      self.assertEqual(got.dtype, jnp.bfloat16)
+      want = oracles.threshold(_leaves_of(tree), 0.1)
+      np.testing.assert_array_equal(np.float64(got.astype(jnp.float32)), want)
+
+  def test_many_coordinates_take_the_fast_paths(self):
+    # Large enough for the sample bracket, interpolation and top_k finishing to all run.
+    rng = np.random.default_rng(2)
+    tree = [jnp.asarray(rng.standard_t(2, size=(300, 200)).astype(np.float32))
+            for _ in range(8)]
+    tree.append(jnp.zeros((1000,), jnp.float32))
+    threshold = jax.jit(optclip.clip_threshold, static_argnums=1)
+    for fraction in [1e-5, 0.01, 0.1, 0.5, 0.9, 1.0]:
+      np.testing.assert_array_equal(
+          np.float64(threshold(tree, fraction)),
+          oracles.threshold(_leaves_of(tree), fraction))
+
+  def test_ties_at_the_threshold(self):
+    tree = {"a": jnp.array([5., 3., 3., 3., 1.]), "b": jnp.array([-3., 0.])}
+    # k = ceil(0.3 * 7) = 3: the sorted |g| are 5, 3, 3, 3, 3, 1, 0.
+    self.assertEqual(float(optclip.clip_threshold(tree, 0.3)), 3.0)
+    self.assertEqual(float(optclip.clip_threshold(tree, 1 / 7)), 5.0)
+
+  def test_single_coordinate_and_all_zero(self):
+    self.assertEqual(float(optclip.clip_threshold(jnp.array([-2.5]), 0.5)), 2.5)
+    self.assertEqual(float(optclip.clip_threshold([jnp.zeros((3, 4))], 0.1)), 0.0)
+
+  def test_fraction_one_is_smallest_magnitude(self):
+    tree = [jnp.array([4., -0.25, 2.]), jnp.array([[-8., 1.]])]
+    self.assertEqual(float(optclip.clip_threshold(tree, 1.0)), 0.25)
+
+  def test_subnormal_threshold(self):
+    tiny = np.float32(1e-40)
+    tree = [jnp.asarray(np.array([tiny, 2 * tiny, 0, 0, 1.0], np.float32))]
+    got = optclip.clip_threshold(tree, 0.6)  # k = 3: 1.0, 2e-40, 1e-40
+    np.testing.assert_array_equal(np.asarray(got), tiny)
+
+  def test_nan_and_inf_are_excluded(self):
+    tree = {"a": jnp.array([jnp.nan, 1., 2., jnp.inf]), "b": jnp.array([-jnp.inf, 3., 4.])}
+    # finite: 1, 2, 3, 4 -> k = ceil(0.5 * 4) = 2 -> 3.
+    self.assertEqual(float(optclip.clip_threshold(tree, 0.5)), 3.0)
+    self.assertEqual(float(jax.jit(optclip.clip_threshold, static_argnums=1)(tree, 0.5)), 3.0)
+    all_nan = [jnp.full((3,), jnp.nan)]
+    self.assertEqual(float(optclip.clip_threshold(all_nan, 0.5)), np.inf)
+
+  def test_per_leaf(self):
+    rng = np.random.default_rng(3)
+    tree = {"w": jnp.asarray(rng.standard_normal((20, 7)), jnp.float32),
+            "b": jnp.asarray(rng.standard_normal((5,)), jnp.float32),
+            "step": jnp.array(3), "none": None}
+    got = jax.jit(lambda t: optclip.clip_threshold(t, 0.2, per_leaf=True))(tree)
+    self.assertIsNone(got["step"])
+    self.assertIsNone(got["none"])
+    for name in ("w", "b"):
+      np.testing.assert_array_equal(np.float64(got[name]),
+                                    oracles.threshold([tree[name]], 0.2))
+
+  def test_ignores_non_float_leaves_and_empty_trees(self):
+    tree = {"ints": jnp.array([100, 200]), "bools": jnp.array([True]), "x": jnp.array([1., 2.])}
+    self.assertEqual(float(optclip.clip_threshold(tree, 0.5)), 2.0)
+    self.assertEqual(float(optclip.clip_threshold({}, 0.5)), np.inf)
+
+  def test_traced_fraction(self):
+    rng = np.random.default_rng(4)
+    tree = [jnp.asarray(rng.standard_normal((1000,)), jnp.float32)]
+    f = jax.jit(optclip.clip_threshold)
+    for fraction in [0.013, 0.25, 0.5]:
+      np.testing.assert_array_equal(
+          np.float64(f(tree, jnp.float32(fraction))),
+          oracles.threshold(tree, np.float32(fraction)))
+
+  @pytest.mark.filterwarnings("ignore")
+  def test_bad_fraction_raises_naming_argument(self):
+    for bad in [0.0, -0.1, 1.5, float("nan"), "0.1", None, True]:
+      with self.assertRaisesRegex(ValueError, "fraction"):
+        optclip.clip_threshold([jnp.ones(3)], bad)
+      with self.assertRaisesRegex(ValueError, "fraction"):
+        optclip.coord_clip(bad)
+
+
+class CoordClipTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_clips_to_threshold_and_is_idempotent(self):
+    rng = np.random.default_rng(5)
+    tx = optclip.coord_clip(0.1)
+    update = self.variant(tx.update)
+    for _ in range(5):
+      tree = _random_tree(rng)
+      clipped, state = update(tree, tx.init(tree))
+      tau = oracles.threshold(_leaves_of(tree), 0.1)
+      self.assertEqual(float(state.threshold), tau)
+      for name, leaf in tree.items():
+        x = np.asarray(leaf, np.float64)
+        want = np.sign(x) * np.minimum(np.abs(x), tau)
+        np.testing.assert_array_equal(np.asarray(clipped[name], np.float64), want)
+        self.assertTrue(np.all(np.abs(np.asarray(clipped[name])) <= tau))
+      twice, _ = update(clipped, state)
+      chex.assert_trees_all_equal(twice, clipped)
+
+  def test_passes_ints_none_nan_inf_and_keeps_dtypes(self):
+    tree = {"i": jnp.array([7, -9]), "n": None,
+            "f": jnp.array([jnp.nan, jnp.inf, -5., 1., 2.]),
+            "h": jnp.array([3., -4.], jnp.bfloat16)}
+    tx = optclip.coord_clip(0.5)
+    out, _ = jax.jit(tx.update)(tree, tx.init(tree))
+    chex.assert_trees_all_equal(out["i"], tree["i"])
+    self.assertIsNone(out["n"])
+    self.assertEqual(out["h"].dtype, jnp.bfloat16)
+    # finite |g|: 5, 1, 2, 3, 4 -> k = 3 -> tau = 3.
+    np.testing.assert_array_equal(np.asarray(out["f"]), [np.nan, np.inf, -3., 1., 2.])
+    np.testing.assert_array_equal(np.asarray(out["h"], np.float32), [3., -3.])
+
+  def test_empty_tree(self):
+    tx = optclip.coord_clip(0.5)
+    out, _ = tx.update({}, tx.init({}))
+    self.assertEqual(out, {})
+
+  def test_per_leaf_thresholds(self):
+    tree = {"a": jnp.array([1., 2., 3., 4.]), "b": jnp.array([10., 20.])}
+    tx = optclip.coord_clip(0.5, per_leaf=True)
+    out, state = tx.update(tree, tx.init(tree))
+    np.testing.assert_array_equal(out["a"], [1., 2., 3., 3.])
+    np.testing.assert_array_equal(out["b"], [10., 20.])
+    self.assertEqual(float(state.threshold["a"]), 3.0)
+
+  def test_inject_hyperparams_changes_fraction_without_recompiling(self):
+    rng = np.random.default_rng(6)
+    params = {"w": jnp.asarray(rng.standard_normal((50, 4)), jnp.float32)}
+    grads = {"w": jnp.asarray(rng.standard_normal((50, 4)), jnp.float32)}
+    tx = optax.inject_hyperparams(optclip.coord_clip)(fraction=0.1)
+    state = tx.init(params)
+    traces = []
+
+    @jax.jit
+    def step(grads, state):
+      traces.append(1)
+      return tx.update(grads, state, params)
+
+    for fraction in [0.1, 0.5, 0.9]:
+      state.hyperparams["fraction"] = jnp.asarray(fraction)
+      out, state = step(grads, state)
+      tau = oracles.threshold([grads["w"]], np.float32(fraction))
+      np.testing.assert_array_equal(np.max(np.abs(np.asarray(out["w"]))), tau)
+    self.assertLen(traces, 1)
+
+  def test_masked(self):
+    tree = {"a": jnp.array([1., 2., 3., 4.]), "b": jnp.array([100., 200.])}
+    tx = optax.masked(optclip.coord_clip(0.5), {"a": True, "b": False})
+    out, _ = jax.jit(tx.update)(tree, tx.init(tree))
+    np.testing.assert_array_equal(out["a"], [1., 2., 3., 3.])
+    np.testing.assert_array_equal(out["b"], [100., 200.])
+
+  def test_multi_steps_clips_the_accumulated_gradient_once(self):
+    params = jnp.zeros(4)
+    tx = optax.MultiSteps(optax.chain(optclip.coord_clip(0.5), optax.sgd(1.0)),
+                          every_k_schedule=2)
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    out, state = update(jnp.array([4., 0., 2., 1.]), state, params)
+    np.testing.assert_array_equal(out, np.zeros(4))
+    out, state = update(jnp.array([4., 6., 2., 1.]), state, params)
+    # mean gradient (4, 3, 2, 1), k = 2 -> tau = 3.
+    np.testing.assert_array_equal(out, [-3., -3., -2., -1.])
+
+  def test_apply_if_finite_skips_nan_steps(self):
+    params = jnp.ones(3)
+    tx = optax.apply_if_finite(optax.chain(optclip.coord_clip(0.5), optax.sgd(1.0)), 3)
+    state = tx.init(params)
+    out, state = jax.jit(tx.update)(jnp.array([1., jnp.nan, 2.]), state, params)
+    np.testing.assert_array_equal(out, np.zeros(3))
+    self.assertEqual(int(state.notfinite_count), 1)
+    out, state = jax.jit(tx.update)(jnp.array([1., 3., 2.]), state, params)
+    np.testing.assert_array_equal(out, [-1., -2., -2.])
+
+  def test_documented_chain_example(self):
+    tx = optax.chain(optclip.coord_clip(0.1), optax.sgd(1e-2))
+    grads = jnp.arange(1.0, 21.0)
+    out, _ = tx.update(grads, tx.init(grads))
+    # k = ceil(0.1 * 20) = 2 -> tau = 19.
+    np.testing.assert_allclose(out, -1e-2 * np.minimum(np.arange(1.0, 21.0), 19.0))
