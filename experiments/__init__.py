@@ -1,0 +1,1 @@
+"""Experiments reproducing Pan & Li (2023); run with `python -m experiments <command>`."""
