@@ -88,14 +88,16 @@ class _Bits(NamedTuple):
   max_exp: int
   inf_key: int
   min_normal_key: int
+  one_key: int  # key of 1.0
 
 
 def _bits_for(dtypes: Sequence[Any]) -> _Bits:
   # bfloat16 and float16 widen to float32 exactly, so float32 keys order all of them; float64
   # (with jax_enable_x64) needs 64-bit keys.
   if any(jnp.dtype(d) == jnp.float64 for d in dtypes):
-    return _Bits(jnp.float64, jnp.int64, 53, 1023, 1024, 0x7FF0000000000000, 1 << 52)
-  return _Bits(jnp.float32, jnp.int32, 24, 127, 128, 0x7F800000, 1 << 23)
+    return _Bits(jnp.float64, jnp.int64, 53, 1023, 1024, 0x7FF0000000000000, 1 << 52,
+                 0x3FF0000000000000)
+  return _Bits(jnp.float32, jnp.int32, 24, 127, 128, 0x7F800000, 1 << 23, 0x3F800000)
 
 
 def _key_to_value(key, bits: _Bits):
@@ -172,42 +174,101 @@ def _group_combine(per_leaf: list, problem: _Problem, combine, fill):
   return jnp.stack([r if r is not None else jnp.full((width,), fill) for r in rows])
 
 
+def _sequential(fn, problem: _Problem) -> list:
+  """[fn(leaf, group) for each leaf], evaluated one leaf after the other.
+
+  XLA may otherwise schedule every leaf's pass side by side; where a pass cannot be fused
+  into its reduction (integer and select ops on CPU) that holds a full-size temporary per
+  leaf at once. Threading each result into the next leaf's input through an optimization
+  barrier orders the passes, so one leaf's temporaries are reused by the next.
+  """
+  results, previous = [], None
+  for leaf, group in zip(problem.leaves, problem.group_of_leaf):
+    if previous is not None:
+      previous, leaf = jax.lax.optimization_barrier((previous, leaf))
+    previous = fn(leaf, group)
+    results.append(previous)
+  return results
+
+
+def _subnormal_view(values, bits: _Bits):
+  """Maps |g| to normal floats that order the subnormals (and zero) exactly.
+
+  CPUs flush subnormals to zero inside XLA kernels, so float arithmetic cannot tell them
+  apart. Key k < 2^(p-1) (zero or subnormal) maps to the normal float 1 + k·2^(1-p), and every
+  normal number maps to 2; only integer and bit operations touch the subnormal inputs.
+  """
+  keys = _value_to_key(values, bits)
+  return _key_to_value(jnp.minimum(keys, bits.min_normal_key) + bits.one_key, bits)
+
+
+def _subnormal_view_key(pivot_keys, bits: _Bits):
+  return jnp.minimum(pivot_keys, bits.min_normal_key) + bits.one_key
+
+
 def _count_ge(problem: _Problem, pivots) -> jax.Array:
   """Exact count of |g| >= pivot per group: pivots (G, P) keys -> (G, P) int32.
 
-  CPUs flush subnormals to zero inside XLA kernels, which the float indicator cannot see
-  through; pivots below the smallest normal number therefore compare integer keys (slower,
-  and only reached when the threshold itself is zero or subnormal).
+  Pivots below the smallest normal number are counted on the `_subnormal_view`; that branch
+  only runs when the threshold is zero or subnormal.
   """
+  bits = problem.bits
+
+  def normal_count(leaf, group):
+    return leaf.size - _exact_counts(_below_indicator(leaf, pivots[group], bits))
+
   def fast():
-    return [leaf.size - _exact_counts(_below_indicator(leaf, pivots[group], problem.bits))
-            for leaf, group in zip(problem.leaves, problem.group_of_leaf)]
+    return _sequential(normal_count, problem)
 
-  def exact():
-    return [jnp.sum(_value_to_key(leaf, problem.bits)[None] >= _expand(pivots[group], leaf),
-                    axis=tuple(range(1, leaf.ndim + 1)), dtype=jnp.int32)
-            for leaf, group in zip(problem.leaves, problem.group_of_leaf)]
+  def with_subnormals():
+    def count(leaf, group):
+      view = _subnormal_view(leaf, bits)
+      tiny = leaf.size - _exact_counts(
+          _below_indicator(view, _subnormal_view_key(pivots[group], bits), bits))
+      return jnp.where(pivots[group] < bits.min_normal_key, tiny, normal_count(leaf, group))
+    return _sequential(count, problem)
 
-  subnormal = jnp.any(pivots < problem.bits.min_normal_key)
-  per_leaf = jax.lax.cond(subnormal, exact, fast)
+  subnormal = jnp.any(pivots < bits.min_normal_key)
+  per_leaf = jax.lax.cond(subnormal, with_subnormals, fast)
   return _group_combine(per_leaf, problem, jnp.add, 0)
 
 
-def _expand(pivots, leaf):
-  return pivots[(slice(None),) + (None,) * leaf.ndim]
-
-
 def _snap(problem: _Problem, lo, hi):
-  """Largest key below hi and smallest key at or above lo, per group (one pass, on keys)."""
+  """Largest key below hi and smallest key at or above lo, per group (one pass)."""
   bits = problem.bits
-  inf_key = jnp.asarray(bits.inf_key, bits.key_dtype)
-  maxima, minima = [], []
-  for leaf, group in zip(problem.leaves, problem.group_of_leaf):
-    keys = _value_to_key(leaf, bits)
-    maxima.append(jnp.max(jnp.where(keys < hi[group], keys, 0), initial=0)[None])
-    minima.append(jnp.min(jnp.where(keys >= lo[group], keys, inf_key), initial=inf_key)[None])
-  largest = _group_combine(maxima, problem, jnp.maximum, 0)[:, 0]
-  smallest = _group_combine(minima, problem, jnp.minimum, bits.inf_key)[:, 0]
+  big = jnp.finfo(bits.float_dtype).max
+  min_normal = jnp.asarray(bits.min_normal_key, bits.key_dtype)
+
+  def extremes(leaf, group):
+    view = _subnormal_view(leaf, bits)
+    normal_pivots = jnp.stack([hi[group], jnp.maximum(lo[group], min_normal)])
+    below = _below_indicator(leaf, normal_pivots, bits)
+    view_below = _below_indicator(
+        view, _subnormal_view_key(jnp.stack([hi[group], lo[group]]), bits), bits)
+    return jnp.stack([
+        jnp.max(leaf * below[0]),  # largest normal element below hi (0 if none)
+        jnp.max(view * view_below[0]),  # largest subnormal-view element below hi
+        # a + big overflows to inf for the excluded entries, which min ignores.
+        jnp.min(leaf + below[1] * big),  # smallest normal element >= max(lo, min normal)
+        jnp.min(view + view_below[1] * big),  # smallest subnormal-view element >= lo
+    ])
+
+  parts = _sequential(extremes, problem)
+  rows = [None] * problem.num_groups
+  for part, group in zip(parts, problem.group_of_leaf):
+    rows[group] = part if rows[group] is None else jnp.stack([
+        jnp.maximum(rows[group][0], part[0]), jnp.maximum(rows[group][1], part[1]),
+        jnp.minimum(rows[group][2], part[2]), jnp.minimum(rows[group][3], part[3])])
+  fill = jnp.asarray([0, 0, jnp.inf, jnp.inf], bits.float_dtype)
+  table = jnp.stack([r if r is not None else fill for r in rows])
+  largest_normal = _value_to_key(table[:, 0], bits)
+  largest_tiny = jnp.maximum(_value_to_key(table[:, 1], bits) - bits.one_key, 0)
+  largest = jnp.where(largest_normal >= min_normal, largest_normal,
+                      jnp.minimum(largest_tiny, min_normal - 1))
+  smallest_normal = _value_to_key(table[:, 2], bits)
+  tiny_view = table[:, 3]
+  smallest_tiny = _value_to_key(tiny_view, bits) - bits.one_key
+  smallest = jnp.where((lo < min_normal) & (tiny_view < 2), smallest_tiny, smallest_normal)
   return largest.astype(bits.key_dtype), smallest.astype(bits.key_dtype)
 
 
@@ -215,15 +276,20 @@ def _top_below(problem: _Problem, hi, r):
   """Key of the r-th largest element below hi per group (r <= _TOP_K), from per-leaf top_k."""
   bits = problem.bits
   candidates = [[] for _ in range(problem.num_groups)]
-  for leaf, group in zip(problem.leaves, problem.group_of_leaf):
-    if leaf.size == 0:
-      continue
+
+  def top(leaf, group):
     # top_k on float values: on CPU it is ~30x faster than on integer keys. Its comparisons
     # may treat subnormals as zero, so the caller only uses it when lo is a normal number.
     flat = jnp.ravel(leaf)
     masked = jnp.where(flat < _key_to_value(hi[group], bits), flat, 0)
     # Zeros never displace real candidates: every element is >= 0.
-    candidates[group].append(jax.lax.top_k(masked, min(_TOP_K, masked.size))[0])
+    return jax.lax.top_k(masked, min(_TOP_K, masked.size))[0]
+
+  nonempty = problem._replace(
+      raw_leaves=[l for l in problem.raw_leaves if l.size],
+      group_of_leaf=[g for l, g in zip(problem.raw_leaves, problem.group_of_leaf) if l.size])
+  for values, group in zip(_sequential(top, nonempty), nonempty.group_of_leaf):
+    candidates[group].append(values)
   answers = []
   for group in range(problem.num_groups):
     if not candidates[group]:

@@ -235,3 +235,19 @@ class CoordClipTest(chex.TestCase):
     out, _ = tx.update(grads, tx.init(grads))
     # k = ceil(0.1 * 20) = 2 -> tau = 19.
     np.testing.assert_allclose(out, -1e-2 * np.minimum(np.arange(1.0, 21.0), 19.0))
+
+
+def test_gather_free_path_matches_numpy(monkeypatch):
+  """The selection used for sharded leaves (no top_k, no reshape) is exact too."""
+  from optclip import clipping
+  monkeypatch.setattr(clipping, "_is_sharded", lambda x: True)
+  rng = np.random.default_rng(7)
+  threshold = jax.jit(optclip.clip_threshold, static_argnums=1)
+  trees = [_random_tree(rng) for _ in range(10)]
+  trees.append([jnp.asarray(rng.standard_t(2, size=(200, 300)).astype(np.float32))])
+  tiny = np.float32(1e-40)
+  trees.append([jnp.asarray(np.array([tiny, 3 * tiny, 2 * tiny, 0, 0, 1.0], np.float32))])
+  for tree in trees:
+    for fraction in (0.01, 0.5, 0.6, 1.0):
+      np.testing.assert_array_equal(np.float64(threshold(tree, fraction)),
+                                    oracles.threshold(_leaves_of(tree), fraction))
