@@ -1,0 +1,183 @@
+"""Curvature statistics: Gauss-Newton smoothness with coordinate removal (Pan & Li 2023,
+Appendix D), the top Hessian eigenvalue, the Hessian diagonal and R_med (Jiang, Malik & Li
+2023). All matrix-free: Hessian-vector products and per-example gradients only.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from optclip.clipping import clip_threshold
+from optclip.geometry import tree_dot
+
+__all__ = [
+    "GaussNewtonSmoothness",
+    "gauss_newton_spectral_norm",
+    "hessian_diagonal",
+    "hessian_vector_product",
+    "r_med",
+    "top_hessian_eigenvalue",
+]
+
+
+def hessian_vector_product(loss_fn: Callable, params, vector):
+  """∇²f(x)·v by forward-over-reverse AD."""
+  return jax.jvp(jax.grad(loss_fn), (params,), (vector,))[1]
+
+
+class GaussNewtonSmoothness(NamedTuple):
+  """Appendix D / Table 8: L = ‖G‖₂, ℓ after removing a fraction ε of the coordinates."""
+  spectral_norm: jax.Array  # L
+  reduced_spectral_norm: jax.Array  # ℓ
+  ratio: jax.Array  # L / ℓ
+  fraction_removed: jax.Array  # ε
+
+
+def gauss_newton_spectral_norm(per_example_grads_fn: Callable, params, batch, *,
+                               remove_ratio: float = 4.0) -> GaussNewtonSmoothness:
+  """Spectral norm of the Gauss-Newton matrix G = Σᵢ gᵢgᵢᵀ, before and after coordinate removal.
+
+  For a binary classifier with logits z, the loss Hessian in logit space has rank one, so the
+  Gauss-Newton matrix is Σᵢ gᵢgᵢᵀ with gᵢ = sqrt(pᵢ₁pᵢ₂)·∇θ(zᵢ₁ - zᵢ₂) (Appendix D.2), i.e.
+  G = AᵀA for the B×d matrix A whose rows are the gᵢ. Then ‖G‖₂ = λ_max(AAᵀ), a B×B
+  eigenproblem: no d×d matrix is ever formed. The "row norm" of coordinate j is the norm of
+  column j of A (row j of the square root Aᵀ); coordinates whose row norm is at least
+  ``remove_ratio`` × the mean row norm are removed and ℓ = λ_max of the rest.
+
+  Args:
+    per_example_grads_fn: (params, batch) -> pytree like params with a leading axis B, the gᵢ.
+    params: the point.
+    batch: passed to per_example_grads_fn.
+    remove_ratio: the paper's 4.
+
+  Returns:
+    `GaussNewtonSmoothness` (L, ℓ, L/ℓ, ε).
+
+  References:
+    Pan & Li 2023, arXiv 2306.00204, Appendix D and Table 8.
+  """
+  rows = per_example_grads_fn(params, batch)
+  leaves = jax.tree.leaves(rows)
+
+  def gram(mask_leaves):
+    total = 0
+    for leaf, mask in zip(leaves, mask_leaves):
+      flat_axes = tuple(range(1, leaf.ndim))
+      masked = leaf if mask is None else leaf * mask[None]
+      total = total + jnp.tensordot(masked, masked, axes=(flat_axes, flat_axes))
+    return total
+
+  row_norms = [jnp.sqrt(jnp.sum(jnp.square(leaf), axis=0)) for leaf in leaves]
+  count = sum(r.size for r in row_norms)
+  mean = sum(jnp.sum(r) for r in row_norms) / count
+  keep = [(r < remove_ratio * mean).astype(leaves[0].dtype) for r in row_norms]
+  removed = 1.0 - sum(jnp.sum(k) for k in keep) / count
+  full = jnp.linalg.eigvalsh(gram([None] * len(leaves)))[-1]
+  reduced = jnp.linalg.eigvalsh(gram(keep))[-1]
+  return GaussNewtonSmoothness(full, reduced, full / reduced, removed)
+
+
+def top_hessian_eigenvalue(loss_fn: Callable, params, *, iters: int = 30,
+                           key: jax.Array | None = None) -> jax.Array:
+  """Largest (algebraic) eigenvalue of ∇²f(x) by Lanczos with full reorthogonalization.
+
+  Uses ``iters`` Hessian-vector products and keeps ``iters`` vectors shaped like params.
+
+  Args:
+    loss_fn: params -> scalar.
+    params: the point.
+    iters: Lanczos steps (at most the number of parameters is useful).
+    key: PRNG key for the start vector (default key 0).
+  """
+  key = jax.random.key(0) if key is None else key
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(key, len(leaves))
+  start = jax.tree.unflatten(treedef, [
+      jax.random.normal(k, jnp.shape(l), jnp.result_type(l)) for k, l in zip(keys, leaves)])
+  start = jax.tree.map(lambda v: v / jnp.sqrt(tree_dot(start, start)), start)
+  basis = jax.tree.map(lambda v: jnp.zeros((iters,) + v.shape, v.dtype), start)
+  alphas = jnp.zeros((iters,))
+  betas = jnp.zeros((iters,))
+
+  def step(i, carry):
+    basis, alphas, betas, v, v_prev, beta = carry
+    basis = jax.tree.map(lambda b, x: b.at[i].set(x), basis, v)
+    w = hessian_vector_product(loss_fn, params, v)
+    alpha = tree_dot(w, v)
+    w = jax.tree.map(lambda a, b, c: a - alpha * b - beta * c, w, v, v_prev)
+    # Full reorthogonalization against the stored basis (rows beyond i are zero).
+    coeffs = sum(jnp.tensordot(b, x, axes=(tuple(range(1, b.ndim)), tuple(range(x.ndim))))
+                 for b, x in zip(jax.tree.leaves(basis), jax.tree.leaves(w)))
+    w = jax.tree.map(lambda x, b: x - jnp.tensordot(coeffs, b, axes=1), w, basis)
+    beta_next = jnp.sqrt(tree_dot(w, w))
+    v_next = jax.tree.map(lambda x: x / jnp.where(beta_next > 0, beta_next, 1.0), w)
+    return (basis, alphas.at[i].set(alpha), betas.at[i].set(beta_next), v_next, v,
+            beta_next)
+
+  zeros = jax.tree.map(jnp.zeros_like, start)
+  _, alphas, betas, *_ = jax.lax.fori_loop(
+      0, iters, step, (basis, alphas, betas, start, zeros, jnp.zeros(())))
+  tridiagonal = jnp.diag(alphas) + jnp.diag(betas[:-1], 1) + jnp.diag(betas[:-1], -1)
+  return jnp.linalg.eigvalsh(tridiagonal)[-1]
+
+
+def hessian_diagonal(loss_fn: Callable, params, *, method: str = "exact",
+                     key: jax.Array | None = None, samples: int = 100,
+                     batch_size: int = 64):
+  """The diagonal of ∇²f(x) as a pytree shaped like params.
+
+  ``method="exact"``: one Hessian-vector product per coordinate (with unit vectors, vmapped
+  ``batch_size`` at a time) — exact, O(d) HVPs, for small models. ``method="hutchinson"``:
+  E[z ⊙ Hz] over ``samples`` Rademacher vectors z; unbiased, with standard error
+  ≈ sqrt(Σ_{j≠i} H_ij² / samples) per coordinate.
+  """
+  leaves, treedef = jax.tree.flatten(params)
+  if method == "hutchinson":
+    key = jax.random.key(0) if key is None else key
+
+    def one(k):
+      ks = jax.random.split(k, len(leaves))
+      z = jax.tree.unflatten(treedef, [
+          jax.random.rademacher(kk, jnp.shape(l), jnp.result_type(l))
+          for kk, l in zip(ks, leaves)])
+      return jax.tree.map(jnp.multiply, z, hessian_vector_product(loss_fn, params, z))
+
+    estimates = jax.lax.map(one, jax.random.split(key, samples), batch_size=batch_size)
+    return jax.tree.map(lambda e: jnp.mean(e, axis=0), estimates)
+  if method != "exact":
+    raise ValueError(f"method must be 'exact' or 'hutchinson', got {method!r}")
+  diagonals = []
+  for index, leaf in enumerate(leaves):
+    size = int(jnp.size(leaf))
+
+    def column(j, index=index, leaf=leaf):
+      unit = [jnp.zeros_like(l) for l in leaves]
+      unit[index] = jnp.zeros((size,), jnp.result_type(leaf)).at[j].set(1).reshape(
+          jnp.shape(leaf))
+      hv = hessian_vector_product(loss_fn, params, jax.tree.unflatten(treedef, unit))
+      return jnp.ravel(jax.tree.leaves(hv)[index])[j]
+
+    values = jax.lax.map(column, jnp.arange(size), batch_size=batch_size)
+    diagonals.append(values.reshape(jnp.shape(leaf)))
+  return jax.tree.unflatten(treedef, diagonals)
+
+
+def r_med(hessian_diag, *, per_leaf: bool = False):
+  """R_med = max_i |H_ii| / median_i |H_ii| (Jiang, Malik & Li 2023).
+
+  The statistic of seed 002 ("analogous to the condition number of the loss Hessian evaluated
+  at the iterates"): the ratio of the largest to the median absolute diagonal entry of the
+  Hessian. The median is the ⌈n/2⌉-th largest |H_ii| (exact, via `clip_threshold`), so for an
+  even count it is the upper of the two middle values.
+
+  Args:
+    hessian_diag: the Hessian diagonal as a pytree (e.g. from `hessian_diagonal`).
+    per_leaf: one value per leaf (per layer) instead of one over all parameters.
+  """
+  if per_leaf:
+    return jax.tree.map(lambda d: r_med(d), hessian_diag)
+  largest = max(jnp.max(jnp.abs(d)) for d in jax.tree.leaves(hessian_diag))
+  return largest / clip_threshold(hessian_diag, 0.5)

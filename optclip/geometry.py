@@ -1,0 +1,321 @@
+"""Local geometry along update directions (Pan & Li 2023, Section 3 and Appendix B).
+
+Every function takes ``loss_fn(params) -> scalar`` for any parameter pytree (Flax variables
+included) and works on pytrees leaf by leaf: inner products are ``sum(jnp.sum(a * b))`` over
+leaves, never a concatenation, so they also run on sharded parameters.
+
+References:
+  Pan & Li, Toward Understanding Why Adam Converges Faster Than SGD for Transformers, 2023
+  (arXiv 2306.00204).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from optclip.clipping import clip_threshold
+
+__all__ = [
+    "GradientCorrelation",
+    "RobustSharpness",
+    "TaylorTerms",
+    "coordinate_histogram",
+    "directional_sharpness",
+    "gradient_correlation",
+    "landscape",
+    "plot_coordinate_histograms",
+    "sharpness_attribution",
+    "taylor_decomposition",
+    "tree_dot",
+    "tree_norm",
+]
+
+LossFn = Callable[[Any], jax.Array]
+
+
+def tree_dot(a, b) -> jax.Array:
+  """⟨a, b⟩ over all leaves, accumulated in float32 at least."""
+  terms = [jnp.sum(x.astype(jnp.promote_types(x.dtype, jnp.float32)) * y)
+           for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))]
+  return sum(terms) if terms else jnp.zeros(())
+
+
+def tree_norm(a) -> jax.Array:
+  return jnp.sqrt(tree_dot(a, a))
+
+
+def _axpy(alpha, x, y):
+  """y + alpha · x, leaf by leaf, in y's dtypes."""
+  return jax.tree.map(lambda xi, yi: (yi + alpha * xi).astype(yi.dtype), x, y)
+
+
+def _is_batched(params, directions) -> bool:
+  p_leaves, d_leaves = jax.tree.leaves(params), jax.tree.leaves(directions)
+  if len(p_leaves) != len(d_leaves):
+    raise ValueError("directions must have the structure of params (optionally with a "
+                     "leading axis of size K on every leaf)")
+  if all(jnp.shape(d) == jnp.shape(p) for p, d in zip(p_leaves, d_leaves)):
+    return False
+  sizes = {jnp.shape(d)[0] for d in d_leaves if jnp.ndim(d) > 0}
+  if len(sizes) != 1 or any(jnp.shape(d)[1:] != jnp.shape(p)
+                            for p, d in zip(p_leaves, d_leaves)):
+    raise ValueError("directions must be shaped like params, or like params with one shared "
+                     "leading axis of size K")
+  return True
+
+
+def _second_derivative(loss_fn: LossFn, params, direction, method: str) -> jax.Array:
+  """uᵀ∇²f(x)u, exactly, by forward-mode AD (or forward-over-reverse for method='hvp')."""
+  if method == "forward":
+    first = lambda x: jax.jvp(loss_fn, (x,), (direction,))[1]
+    return jax.jvp(first, (params,), (direction,))[1]
+  if method == "hvp":
+    return tree_dot(direction, jax.jvp(jax.grad(loss_fn), (params,), (direction,))[1])
+  if method == "jet":
+    from jax.experimental import jet
+    leaves, treedef = jax.tree.flatten(params)
+    series = [(d, jnp.zeros_like(d)) for d in jax.tree.leaves(direction)]
+    # jet takes arrays only: pass the leaves as separate arguments.
+    _, (_, second) = jet.jet(lambda *xs: loss_fn(jax.tree.unflatten(treedef, xs)),
+                             tuple(leaves), tuple(series))
+    return second
+  raise ValueError(f"method must be 'forward', 'hvp' or 'jet', got {method!r}")
+
+
+class RobustSharpness(NamedTuple):
+  """Directional sharpness with Appendix B's shift: ``shifted`` marks re-evaluated ones."""
+  sharpness: jax.Array
+  shifted: jax.Array
+
+
+def directional_sharpness(loss_fn: LossFn, params, directions, *,
+                          robust_delta: float | None = None, method: str = "forward"):
+  """Directional sharpness uᵀ∇²f(x)u / ‖u‖² of one or K update directions (Section 3.1).
+
+  Computed exactly with forward-mode AD (``method="forward"``: the second derivative of
+  t ↦ f(x + tu), a jvp of a jvp), never by finite differences. With K directions (every leaf
+  carrying a leading axis of size K) all are evaluated in one vmapped call that shares the
+  primal computation.
+
+  With ``robust_delta=δ``, a direction whose sharpness is negative is re-evaluated at
+  x + δ·u/‖u‖ (Appendix B, Eq. 4; the paper uses δ = 0.01), and the result says which.
+
+  Args:
+    loss_fn: params -> scalar loss.
+    params: the point x.
+    directions: a pytree shaped like params, or with a leading axis of size K on every leaf.
+    robust_delta: δ for the robust variant, or None.
+    method: "forward" (jvp of jvp), "hvp" (jvp of grad) or "jet" (second-order Taylor mode).
+
+  Returns:
+    A scalar, or shape (K,); with ``robust_delta`` a `RobustSharpness` of those.
+
+  Example:
+    >>> import jax.numpy as jnp, optclip
+    >>> loss = lambda x: jnp.sum(jnp.array([100., 1.]) * x ** 2)
+    >>> float(optclip.directional_sharpness(loss, jnp.ones(2), jnp.array([1., 0.])))
+    200.0
+
+  References:
+    Pan & Li 2023, arXiv 2306.00204, Section 3.1 and Appendix B.
+  """
+  batched = _is_batched(params, directions)
+
+  def one(direction):
+    value = _second_derivative(loss_fn, params, direction, method)
+    return value / tree_dot(direction, direction)
+
+  def shifted_one(direction):
+    unit = jax.tree.map(lambda d: d / tree_norm(direction), direction)
+    point = _axpy(robust_delta, unit, params)
+    value = _second_derivative(loss_fn, point, direction, method)
+    return value / tree_dot(direction, direction)
+
+  evaluate = jax.vmap(one) if batched else one
+  sharpness = evaluate(directions)
+  if robust_delta is None:
+    return sharpness
+  negative = sharpness < 0
+  evaluate_shifted = jax.vmap(shifted_one) if batched else shifted_one
+  shifted_values = jax.lax.cond(jnp.any(negative), evaluate_shifted,
+                                lambda d: sharpness, directions)
+  return RobustSharpness(jnp.where(negative, shifted_values, sharpness), negative)
+
+
+class GradientCorrelation(NamedTuple):
+  """First-order term of Eq. (1) for a normalized update direction u.
+
+  ``projection`` = ⟨∇f, u⟩ / ‖u‖ (the directional derivative along the unit direction; negative
+  for a descent direction), ``cosine`` = ⟨∇f, u⟩ / (‖∇f‖ ‖u‖) in [-1, 1].
+  """
+  projection: jax.Array
+  cosine: jax.Array
+
+
+def gradient_correlation(grad, update) -> GradientCorrelation:
+  """⟨∇f, u⟩/‖u‖ and the cosine between the gradient and an update (Section 3.1).
+
+  Example:
+    >>> import jax.numpy as jnp, optclip
+    >>> optclip.gradient_correlation(jnp.array([3., 4.]), jnp.array([-1., 0.])).projection
+    Array(-3., dtype=float32)
+  """
+  dot = tree_dot(grad, update)
+  norm_u = tree_norm(update)
+  return GradientCorrelation(dot / norm_u, dot / (norm_u * tree_norm(grad)))
+
+
+class TaylorTerms(NamedTuple):
+  """Eq. (1): f(x + u) ≈ loss + first_order + second_order = predicted."""
+  loss: jax.Array
+  first_order: jax.Array  # ∇f(x)ᵀu
+  second_order: jax.Array  # ½ uᵀ∇²f(x)u
+  predicted: jax.Array
+
+
+def taylor_decomposition(loss_fn: LossFn, params, update) -> TaylorTerms:
+  """The quadratic Taylor expansion of the loss along an update step (Eq. 1).
+
+  Example:
+    >>> import jax.numpy as jnp, optclip
+    >>> terms = optclip.taylor_decomposition(lambda x: jnp.sum(x ** 2), jnp.ones(2), -jnp.ones(2))
+    >>> [float(t) for t in terms]
+    [2.0, -4.0, 2.0, 0.0]
+  """
+  def first(x):
+    return jax.jvp(loss_fn, (x,), (update,))
+
+  (loss, first_order), (_, second) = jax.jvp(first, (params,), (update,))
+  second_order = 0.5 * second
+  return TaylorTerms(loss, first_order, second_order, loss + first_order + second_order)
+
+
+def landscape(loss_fn: LossFn, params, directions, step_sizes, *,
+              batch_size: int | None = None) -> jax.Array:
+  """Loss at x + s·u/‖u‖ for every direction u and step size s (Figures 2-4).
+
+  Args:
+    loss_fn: params -> scalar loss.
+    params: the point x.
+    directions: a pytree shaped like params, or with a leading axis of size K.
+    step_sizes: shape (S,) (the step size is the distance travelled, since u is normalized).
+    batch_size: evaluate this many (direction, step) pairs at a time (default: all at once,
+      as one batched forward pass).
+
+  Returns:
+    Shape (K, S), or (S,) for one direction.
+
+  Example:
+    >>> import jax.numpy as jnp, optclip
+    >>> optclip.landscape(lambda x: jnp.sum(x ** 2), jnp.ones(2), jnp.array([-1., 0.]),
+    ...                   jnp.array([0., 1.]))
+    Array([2., 1.], dtype=float32)
+
+  References:
+    Pan & Li 2023, arXiv 2306.00204, Figures 2-4 and Appendix B ("Landscape Visualization").
+  """
+  batched = _is_batched(params, directions)
+  if not batched:
+    directions = jax.tree.map(lambda d: d[None], directions)
+  step_sizes = jnp.asarray(step_sizes)
+  norms = jax.vmap(tree_norm)(directions)
+  num_directions, num_steps = norms.shape[0], step_sizes.shape[0]
+
+  def loss_at(index):
+    k, s = index // num_steps, index % num_steps
+    u = jax.tree.map(lambda d: d[k], directions)
+    return loss_fn(_axpy(step_sizes[s] / norms[k], u, params))
+
+  indices = jnp.arange(num_directions * num_steps)
+  losses = jax.lax.map(loss_at, indices, batch_size=batch_size or indices.shape[0])
+  losses = losses.reshape(num_directions, num_steps)
+  return losses if batched else losses[0]
+
+
+def sharpness_attribution(loss_fn: LossFn, params, update,
+                          fractions: Sequence[float] = (0.001, 0.01, 0.05, 0.1, 0.5)) -> dict:
+  """How much of uᵀHu comes from the update's largest-|u| coordinates (Section 4.1).
+
+  The quadratic form splits over coordinates, uᵀHu = Σᵢ uᵢ(Hu)ᵢ. For each fraction f, with T
+  the coordinates at or above the top-f threshold of |u| (`clip_threshold`), this returns
+
+  * ``share``: Σ_{i∈T} uᵢ(Hu)ᵢ / uᵀHu, the top coordinates' share of the sharpness;
+  * ``norm_share``: Σ_{i∈T} uᵢ² / ‖u‖², their share of the squared norm;
+  * ``sharpness_without``: the directional sharpness of u with the coordinates in T zeroed;
+  * ``sharpness_clipped``: the directional sharpness of u clipped at that threshold.
+
+  Returns:
+    A dict of arrays of shape (len(fractions),), plus ``sharpness`` (the full direction's).
+  """
+  hvp = jax.jvp(jax.grad(loss_fn), (params,), (update,))[1]
+  total = tree_dot(update, hvp)
+  norm_sq = tree_dot(update, update)
+  rows = []
+  for fraction in fractions:
+    tau = clip_threshold(update, fraction)
+    top = jax.tree.map(lambda u: jnp.abs(u) >= tau, update)
+    kept = jax.tree.map(lambda u, t: jnp.where(t, 0, u), update, top)
+    clipped = jax.tree.map(lambda u: jnp.clip(u, -tau, tau), update)
+    share = sum(jnp.sum(jnp.where(t, u * h, 0)) for u, h, t in zip(
+        jax.tree.leaves(update), jax.tree.leaves(hvp), jax.tree.leaves(top)))
+    norm_share = sum(jnp.sum(jnp.where(t, u * u, 0)) for u, t in zip(
+        jax.tree.leaves(update), jax.tree.leaves(top)))
+    rows.append((share / total, norm_share / norm_sq,
+                 directional_sharpness(loss_fn, params, kept, method="hvp"),
+                 directional_sharpness(loss_fn, params, clipped, method="hvp")))
+  columns = [jnp.stack(c) for c in zip(*rows)]
+  return {"fractions": jnp.asarray(fractions), "share": columns[0],
+          "norm_share": columns[1], "sharpness_without": columns[2],
+          "sharpness_clipped": columns[3], "sharpness": total / norm_sq}
+
+
+def coordinate_histogram(tree, bins: int | Sequence[float] = 60,
+                         value_range: tuple[float, float] = (-14.0, 2.0)):
+  """Histogram of log10 |x| over all coordinates of a pytree (Figure 1), without concatenating.
+
+  Args:
+    tree: e.g. SGD's momentum or Adam's update direction.
+    bins: number of bins over ``value_range``, or explicit bin edges (in log10 units).
+    value_range: (low, high) of log10 |x|; values outside are counted in the end bins,
+      exact zeros are counted separately.
+
+  Returns:
+    (counts, edges, zeros): counts of shape (bins,), edges of shape (bins + 1,), and the
+    number of exact zeros.
+  """
+  edges = (jnp.linspace(value_range[0], value_range[1], bins + 1) if isinstance(bins, int)
+           else jnp.asarray(bins))
+  counts = jnp.zeros(edges.shape[0] - 1, jnp.int32)
+  zeros = jnp.zeros((), jnp.int32)
+  for leaf in jax.tree.leaves(tree):
+    magnitude = jnp.abs(leaf.astype(jnp.float32))
+    logs = jnp.clip(jnp.log10(jnp.where(magnitude > 0, magnitude, 1.0)), edges[0], edges[-1])
+    index = jnp.clip(jnp.searchsorted(edges, logs, side="right") - 1, 0, counts.shape[0] - 1)
+    weights = (magnitude > 0).astype(jnp.int32)
+    counts = counts + jnp.zeros_like(counts).at[jnp.ravel(index)].add(jnp.ravel(weights))
+    zeros = zeros + jnp.sum(magnitude == 0)
+  return counts, edges, zeros
+
+
+def plot_coordinate_histograms(histograms: dict, path: str, title: str = "") -> None:
+  """Plots {name: coordinate_histogram(...)} as step curves on a log-scaled x axis."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(6.5, 4))
+  for name, (counts, edges, _) in histograms.items():
+    counts, edges = np.asarray(counts), np.asarray(edges)
+    fraction = counts / max(int(counts.sum()), 1)
+    ax.stairs(fraction, 10.0 ** edges, label=name)
+  ax.set_xscale("log")
+  ax.set_xlabel("|coordinate|")
+  ax.set_ylabel("fraction of coordinates")
+  ax.set_title(title or "Distribution of update coordinates")
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)

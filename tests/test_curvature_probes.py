@@ -1,0 +1,132 @@
+"""Curvature statistics and pseudo-update probes against dense / independent computations."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.flatten_util import ravel_pytree
+
+import optclip
+from tests.test_geometry import PROBLEMS, dense_hessian
+
+
+@pytest.mark.parametrize("name", ["mlp", "transformer"])
+def test_top_eigenvalue_and_diagonal_match_dense(name):
+  loss, params, _ = PROBLEMS[name]()
+  hessian, _, unravel = dense_hessian(loss, params)
+  d = hessian.shape[0]
+  top = optclip.top_hessian_eigenvalue(loss, params, iters=min(d, 60),
+                                       key=jax.random.key(1))
+  np.testing.assert_allclose(float(top), np.linalg.eigvalsh(hessian)[-1], rtol=1e-3)
+  diag = optclip.hessian_diagonal(loss, params, method="exact")
+  np.testing.assert_allclose(np.asarray(ravel_pytree(diag)[0]), np.diag(hessian),
+                             rtol=1e-4, atol=1e-6)
+
+
+def test_hutchinson_within_stated_error():
+  loss, params, _ = PROBLEMS["mlp"]()
+  hessian, _, _ = dense_hessian(loss, params)
+  samples = 2000
+  estimate = optclip.hessian_diagonal(loss, params, method="hutchinson", samples=samples,
+                                      key=jax.random.key(0))
+  got = np.asarray(ravel_pytree(estimate)[0])
+  off = hessian - np.diag(np.diag(hessian))
+  stderr = np.sqrt(np.sum(off ** 2, axis=1) / samples)
+  assert np.all(np.abs(got - np.diag(hessian)) <= 5 * stderr + 1e-6)
+
+
+def test_r_med_on_known_diagonal():
+  diag = {"a": jnp.array([1.0, -2.0, 3.0]), "b": jnp.array([[10.0, 4.0], [5.0, 6.0]])}
+  # |H_ii| = 1, 2, 3, 4, 5, 6, 10: max 10, median (4th largest of 7) 4.
+  np.testing.assert_allclose(float(optclip.r_med(diag)), 10 / 4)
+  per_leaf = optclip.r_med(diag, per_leaf=True)
+  np.testing.assert_allclose(float(per_leaf["a"]), 3 / 2)
+  np.testing.assert_allclose(float(per_leaf["b"]), 10 / 6)  # upper median of 4 values
+
+
+def test_r_med_of_a_diagonal_quadratic_hessian():
+  curvatures = jnp.array([1.0, 2.0, 3.0, 50.0, 5.0])
+  loss = lambda x: 0.5 * jnp.sum(curvatures * x * x)
+  diag = optclip.hessian_diagonal(loss, jnp.ones(5))
+  np.testing.assert_allclose(float(optclip.r_med(diag)), 50.0 / 3.0, rtol=1e-6)
+
+
+def test_gauss_newton_against_dense_numpy():
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((6, 4)), jnp.float32)
+  params = {"w": jnp.asarray(rng.standard_normal((4, 2)), jnp.float32),
+            "b": jnp.asarray(rng.standard_normal(2), jnp.float32)}
+  # Make one input feature large so that its weights dominate the row norms.
+  x = x.at[:, 0].multiply(20.0)
+
+  def per_example(p, batch):
+    def g(xi):
+      logits = lambda q: xi @ q["w"] + q["b"]
+      prob = jax.nn.softmax(logits(p))
+      diff = jax.grad(lambda q: logits(q)[0] - logits(q)[1])(p)
+      return jax.tree.map(lambda t: jnp.sqrt(prob[0] * prob[1]) * t, diff)
+    return jax.vmap(g)(batch)
+
+  result = optclip.gauss_newton_spectral_norm(per_example, params, x, remove_ratio=1.5)
+  rows = per_example(params, x)
+  a = np.stack([np.asarray(ravel_pytree(jax.tree.map(lambda r: r[i], rows))[0], np.float64)
+                for i in range(6)])
+  g = a.T @ a
+  np.testing.assert_allclose(float(result.spectral_norm), np.linalg.eigvalsh(g)[-1],
+                             rtol=1e-4)
+  row_norms = np.linalg.norm(a, axis=0)
+  keep = row_norms < 1.5 * row_norms.mean()
+  assert 0 < (~keep).sum() < keep.size
+  np.testing.assert_allclose(float(result.fraction_removed), (~keep).mean(), rtol=1e-6)
+  reduced = g[np.ix_(keep, keep)]
+  np.testing.assert_allclose(float(result.reduced_spectral_norm),
+                             np.linalg.eigvalsh(reduced)[-1], rtol=1e-4)
+  np.testing.assert_allclose(float(result.ratio),
+                             np.linalg.eigvalsh(g)[-1] / np.linalg.eigvalsh(reduced)[-1],
+                             rtol=1e-4)
+
+
+def _grads_and_params(seed=0, steps=5):
+  rng = np.random.default_rng(seed)
+  params = [{"w": jnp.asarray(rng.standard_normal((4, 3)), jnp.float32),
+             "b": jnp.asarray(rng.standard_normal(3), jnp.float32)} for _ in range(steps)]
+  grads = [{"w": jnp.asarray(rng.standard_t(2, (4, 3)), jnp.float32),
+            "b": jnp.asarray(rng.standard_t(2, 3), jnp.float32)} for _ in range(steps)]
+  return grads, params
+
+
+def test_pseudo_updates_equal_running_each_optimizer_alone():
+  grads, params = _grads_and_params()
+  optimizers = {"sgd": optclip.sgd(0.1), "sgd_clip": optclip.sgd(0.1, clip=0.1),
+                "adam": optclip.adam(0.01, clip=0.5), "lion": optclip.lion(0.01)}
+  updates, states = optclip.pseudo_updates(optimizers, grads, params)
+  for name, tx in optimizers.items():
+    state = tx.init(params[0])
+    update = jax.jit(tx.update)
+    for g, p in zip(grads, params):
+      own, state = update(g, state, p)
+    chex.assert_trees_all_close(updates[name], own, rtol=1e-5, atol=1e-7)
+    chex.assert_trees_all_close(states[name], state, rtol=1e-5, atol=1e-7)
+
+
+def test_train_with_probes_follows_the_training_trajectory():
+  rng = np.random.default_rng(1)
+  data = [jnp.asarray(rng.standard_normal((8, 3)), jnp.float32) for _ in range(6)]
+  loss = lambda p, batch: jnp.mean(jnp.square(batch @ p["w"] - 1.0))
+  params = {"w": jnp.ones((3, 2))}
+  train = optclip.sgd(0.05)
+  probes = {"sgd": optclip.sgd(0.05), "adam": optclip.adam(1e-3)}
+  points = list(optclip.train_with_probes(loss, params, data, train, probes, [0, 3, 5]))
+  assert [p.step for p in points] == [0, 3, 5]
+  # The "sgd" probe is the training optimizer itself: its update moves x_t to x_{t+1}.
+  replay_params, state = params, train.init(params)
+  for t, batch in enumerate(data):
+    grads = jax.grad(loss)(replay_params, batch)
+    update, state = train.update(grads, state, replay_params)
+    for point in points:
+      if point.step == t:
+        chex.assert_trees_all_close(point.params, replay_params, rtol=1e-6)
+        chex.assert_trees_all_close(point.updates["sgd"], update, rtol=1e-6)
+    replay_params = optax.apply_updates(replay_params, update)
