@@ -301,9 +301,27 @@ def _top_below(problem: _Problem, hi, r):
   return jnp.stack(answers)
 
 
+def _moment_pivots(problem: _Problem):
+  """First pivots without a sample (sharded leaves): multiples of the mean |g| per group.
+
+  Gathering a sample across devices would cost more communication than the whole search;
+  the mean needs one scalar all-reduce. Later steps interpolate from the exact counts.
+  """
+  bits = problem.bits
+  sums = _group_combine([jnp.sum(leaf)[None] for leaf in problem.leaves], problem, jnp.add, 0)
+  mean = sums[:, 0] / jnp.maximum(problem.n, 1)
+  q = problem.k.astype(jnp.float32) / jnp.maximum(problem.n, 1)
+  # Heavier tails and smaller q push the k-th largest above the mean.
+  centre = mean * (1 - jnp.log(jnp.clip(q, 1e-7, 1.0)))
+  multipliers = jnp.asarray([0.125, 0.5, 2.0, 8.0], bits.float_dtype)
+  return _value_to_key(centre[:, None].astype(bits.float_dtype) * multipliers[None], bits)
+
+
 def _sample_pivots(problem: _Problem):
   """Pivots per group bracketing the k-th largest of a strided sample of each group."""
   bits = problem.bits
+  if not problem.gather_ok:
+    return _moment_pivots(problem)
   members = [[] for _ in range(problem.num_groups)]
   total = sum(leaf.size for leaf in problem.leaves)
   for leaf, group in zip(problem.leaves, problem.group_of_leaf):

@@ -1,0 +1,84 @@
+"""Sharded vs unsharded results on 8 forced CPU devices (run by tests/test_sharding.py).
+
+Usage: XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/sharded/check.py MESH...
+Prints "OK <mesh>" per mesh; any mismatch raises.
+"""
+
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import optclip
+from optclip import sharding
+
+
+def params_and_grads(seed=0):
+  rng = np.random.default_rng(seed)
+  shapes = {"emb": (64, 32), "w1": (32, 128), "w2": (128, 32), "bias": (32,), "scale": ()}
+  params = {k: jnp.asarray(rng.standard_normal(s) * 0.1, jnp.float32) for k, s in shapes.items()}
+  grads = {k: jnp.asarray(rng.standard_t(2, s), jnp.float32) for k, s in shapes.items()}
+  return params, grads
+
+
+def loss_fn(params, batch):
+  h = jax.nn.one_hot(batch, 64) @ params["emb"]  # a gather would need an out_sharding
+  h = jnp.tanh(h @ params["w1"]) @ params["w2"] + params["bias"]
+  return jnp.mean(jnp.square(h)) * (1 + params["scale"] ** 2)
+
+
+def check(spec):
+  mesh = sharding.mesh_from_spec(spec)
+  params, grads = params_and_grads()
+  batch = jnp.asarray(np.random.default_rng(1).integers(0, 64, (16, 8)))
+  with jax.set_mesh(mesh):
+    s_params = sharding.shard_params(params, mesh, min_size=256)
+    s_grads = sharding.shard_params(grads, mesh, min_size=256)
+    s_batch = sharding.shard_batch(batch, mesh)
+    assert any(any(a is not None for a in jax.typeof(x).sharding.spec)
+               for x in jax.tree.leaves(s_grads)), "nothing was sharded"
+    for fraction in (0.01, 0.1, 0.5, 1.0):
+      want = optclip.clip_threshold(grads, fraction)
+      got = jax.jit(optclip.clip_threshold, static_argnums=1)(s_grads, fraction)
+      np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    for name, tx in [("adam", optclip.adam(1e-3, clip=0.5)),
+                     ("sgd", optclip.sgd(1e-3, clip=0.1)),
+                     ("normalized_sgd", optclip.normalized_sgd(1e-3, clip=0.1)),
+                     ("sign_sgd", optclip.sign_sgd(1e-3, clip=0.1)),
+                     ("lion", optclip.lion(1e-3, clip_update=0.5)),
+                     ("adafactor", optclip.adafactor(None, clip=0.5)),
+                     ("coord_clip", optax.chain(optclip.coord_clip(0.1), optax.sgd(1.0)))]:
+      want, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+      got, _ = jax.jit(tx.update)(s_grads, tx.init(s_params), s_params)
+      for w, g in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-6, atol=1e-9,
+                                   err_msg=name)
+    directions = jax.tree.map(lambda g: jnp.stack([g, -0.5 * g, g * g]), grads)
+    s_directions = jax.tree.map(lambda g: jnp.stack([g, -0.5 * g, g * g]), s_grads)
+    loss = lambda p: loss_fn(p, batch)
+    # FSDP: weights are all-gathered where they are used; the batch stays split over "data".
+    gather = lambda p: jax.tree.map(
+        lambda x: jax.sharding.reshard(x, jax.sharding.PartitionSpec()), p)
+    s_loss = lambda p: loss_fn(gather(p), s_batch)
+    want = optclip.directional_sharpness(loss, params, directions)
+    got = jax.jit(lambda p, d: optclip.directional_sharpness(s_loss, p, d))(s_params,
+                                                                            s_directions)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5)
+    steps = jnp.linspace(0, 0.1, 4)
+    want = optclip.landscape(loss, params, directions, steps)
+    got = jax.jit(lambda p, d: optclip.landscape(s_loss, p, d, steps))(s_params, s_directions)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5)
+    probes = {"sgd": optclip.sgd(0.1), "adam": optclip.adam(1e-3, clip=0.5)}
+    want, _ = optclip.pseudo_updates(probes, [grads, grads], [params, params])
+    got, _ = optclip.pseudo_updates(probes, [s_grads, s_grads], [s_params, s_params])
+    for w, g in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+      np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-6, atol=1e-9)
+  print("OK", spec, flush=True)
+
+
+if __name__ == "__main__":
+  assert len(jax.devices()) == 8, jax.devices()
+  for spec in sys.argv[1:]:
+    check(spec)

@@ -1,0 +1,50 @@
+"""Sharded vs unsharded: thresholds bit-for-bit, updates and probes to 1e-6, on 8 CPU devices.
+
+JAX fixes the device count at start-up, so the comparison runs in a subprocess with
+XLA_FLAGS=--xla_force_host_platform_device_count=8 (tests/sharded/check.py).
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from optclip import sharding
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("meshes", [("data=2,fsdp=4", "data=1,fsdp=8", "data=8,fsdp=1")])
+def test_sharded_equals_unsharded(meshes):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+  result = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "sharded", "check.py"),
+                           *meshes], env=env, capture_output=True, text=True, timeout=900)
+  assert result.returncode == 0, result.stdout + result.stderr
+  for mesh in meshes:
+    assert f"OK {mesh}" in result.stdout
+
+
+def test_mesh_spec_parsing_and_errors():
+  assert sharding.parse_mesh_spec("data=2, fsdp=4") == {"data": 2, "fsdp": 4}
+  for bad in ["data", "data=0", "data=2,data=2", "", "2=data"]:
+    with pytest.raises(ValueError, match="mesh spec"):
+      sharding.parse_mesh_spec(bad)
+
+
+def test_fsdp_spec_and_rules():
+  import jax
+  from jax.sharding import PartitionSpec as P
+  mesh = sharding.mesh_from_spec("fsdp=1", devices=jax.devices()[:1])
+  assert sharding.fsdp_spec((512, 1024), mesh) == P()  # axis of size 1: replicated
+
+  class FakeMesh:
+    shape = {"data": 2, "fsdp": 4}
+  assert sharding.fsdp_spec((512, 1024), FakeMesh) == P(None, "fsdp")
+  assert sharding.fsdp_spec((1024, 6), FakeMesh) == P("fsdp", None)
+  assert sharding.fsdp_spec((10,), FakeMesh) == P()  # small: replicated
+  assert sharding.fsdp_spec((3, 30001), FakeMesh) == P()  # nothing divisible
+  rules = [("embed", "fsdp"), ("vocab", None), ("batch", "data"), ("mlp", "fsdp")]
+  assert sharding.logical_to_spec(("vocab", "embed"), rules) == P(None, "fsdp")
+  assert sharding.logical_to_spec(("embed", "mlp"), rules) == P("fsdp", None)
