@@ -12,7 +12,7 @@ import optclip
 from tests.test_geometry import PROBLEMS, dense_hessian
 
 
-@pytest.mark.parametrize("name", ["mlp", "transformer"])
+@pytest.mark.parametrize("name", ["mlp", pytest.param("transformer", marks=pytest.mark.slow)])
 def test_top_eigenvalue_and_diagonal_match_dense(name):
   loss, params, _ = PROBLEMS[name]()
   hessian, _, unravel = dense_hessian(loss, params)

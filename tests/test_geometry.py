@@ -58,6 +58,8 @@ def transformer_problem():
 
 PROBLEMS = {"quadratic": quadratic_problem, "mlp": mlp_problem,
             "transformer": transformer_problem}
+# The transformer cases take minutes on 2 CPU cores: run them with `pytest -m slow`.
+PROBLEM_NAMES = ["quadratic", "mlp", pytest.param("transformer", marks=pytest.mark.slow)]
 
 
 def dense_hessian(loss, params):
@@ -72,7 +74,7 @@ def random_directions(params, k, seed):
 
 
 @pytest.mark.parametrize("method", ["forward", "hvp", "jet"])
-@pytest.mark.parametrize("name", sorted(PROBLEMS))
+@pytest.mark.parametrize("name", PROBLEM_NAMES)
 def test_directional_sharpness_matches_dense_hessian(name, method):
   loss, params, _ = PROBLEMS[name]()
   hessian, _, _ = dense_hessian(loss, params)
@@ -117,7 +119,7 @@ def test_robust_variant_shifts_exactly_the_negative_directions():
     np.testing.assert_allclose(float(result.sharpness[i]), want, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", sorted(PROBLEMS))
+@pytest.mark.parametrize("name", PROBLEM_NAMES)
 def test_landscape_and_taylor(name):
   loss, params, _ = PROBLEMS[name]()
   directions = random_directions(params, 3, seed=4)
