@@ -1,0 +1,66 @@
+"""Our Flax T5, GPT-Neo, BERT classifier and ResNet, with HF checkpoint loading.
+
+Each family module has a config dataclass, ``PRESETS`` of named sizes (the paper's and tiny
+ones), the Flax module, and pure ``loss_fn(model, params, batch)`` / ``logits_fn``.
+``make_loss_fn(model)`` closes over the model to give the ``loss_fn(params, batch)`` the
+geometry toolkit and the trainers use.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+
+from optclip.models import bert, gpt_neo, resnet, t5
+from optclip.models.convert import (FAMILIES, CheckpointError, config_from_hf, config_to_hf,
+                                    load_pretrained, save_pretrained)
+
+PRESETS = {**t5.PRESETS, **gpt_neo.PRESETS, **bert.PRESETS, **resnet.PRESETS}
+
+__all__ = ["CheckpointError", "PRESETS", "create", "family", "init_params", "load_pretrained",
+           "make_logits_fn", "make_loss_fn", "save_pretrained", "config_from_hf",
+           "config_to_hf"]
+
+
+def family(model_or_config):
+  config = getattr(model_or_config, "config", model_or_config)
+  return FAMILIES[config.model_type][2]
+
+
+def create(name_or_config, **overrides):
+  """A model from a preset name (e.g. 't5-small', 'gpt-neo-tiny') or a config dataclass."""
+  import dataclasses
+  if isinstance(name_or_config, str):
+    if name_or_config not in PRESETS:
+      raise ValueError(f"model: unknown preset {name_or_config!r}; known: {sorted(PRESETS)}")
+    config = PRESETS[name_or_config]
+  else:
+    config = name_or_config
+  if overrides:
+    config = dataclasses.replace(config, **overrides)
+  return FAMILIES[config.model_type][1](config)
+
+
+def init_params(model, key, *, with_state: bool = False):
+  """Random parameters (the HF initialisation scheme) for ``model``."""
+  config = model.config
+  batch = family(config).dummy_batch(config)
+  if config.model_type == "resnet":
+    variables = model.init(key, batch["pixels"], train=False)
+  elif config.model_type == "t5":
+    variables = model.init(key, batch["input_ids"], batch["attention_mask"], batch["labels"])
+  else:
+    variables = model.init(key, batch["input_ids"])
+  variables = dict(variables)
+  params = variables.pop("params")
+  return (params, variables) if with_state else params
+
+
+def make_loss_fn(model):
+  """``loss_fn(params, batch) -> scalar`` for the model's family."""
+  return functools.partial(family(model).loss_fn, model)
+
+
+def make_logits_fn(model):
+  return functools.partial(family(model).logits_fn, model)

@@ -1,0 +1,60 @@
+"""Pieces shared by the models: token cross-entropy, HF-style activations, initializers."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+IGNORE_INDEX = -100  # the label value PyTorch/transformers leave out of the loss
+
+
+def gelu_new(x):
+  """GPT-2/GPT-Neo's tanh approximation of GELU (transformers' ``gelu_new``)."""
+  return 0.5 * x * (1.0 + jnp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+def gelu_exact(x):
+  return jax.nn.gelu(x, approximate=False)
+
+
+ACTIVATIONS = {
+    "relu": jax.nn.relu,
+    "gelu": gelu_exact,
+    "gelu_new": gelu_new,
+    "gelu_pytorch_tanh": gelu_new,
+    "tanh": jnp.tanh,
+}
+
+
+def activation(name: str):
+  if name not in ACTIVATIONS:
+    raise ValueError(f"unsupported activation {name!r}; known: {sorted(ACTIVATIONS)}")
+  return ACTIVATIONS[name]
+
+
+def token_cross_entropy(logits, labels):
+  """Mean cross-entropy over tokens whose label is not IGNORE_INDEX (padding).
+
+  Matches ``torch.nn.CrossEntropyLoss(ignore_index=-100)``: a sum over kept tokens divided by
+  their count. Computed in float32 whatever the logits' dtype.
+  """
+  logits = logits.astype(jnp.float32)
+  keep = labels != IGNORE_INDEX
+  safe_labels = jnp.where(keep, labels, 0)
+  log_probs = jax.nn.log_softmax(logits, axis=-1)
+  picked = jnp.take_along_axis(log_probs, safe_labels[..., None], axis=-1)[..., 0]
+  total = jnp.sum(jnp.where(keep, -picked, 0.0))
+  return total / jnp.maximum(jnp.sum(keep), 1)
+
+
+def classification_cross_entropy(logits, labels):
+  """Mean cross-entropy of integer class labels."""
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  return -jnp.mean(jnp.take_along_axis(log_probs, labels[:, None], axis=-1))
+
+
+def mask_bias(allowed, dtype=jnp.float32):
+  """0 where attention is allowed, the dtype's most negative value elsewhere (as transformers)."""
+  return jnp.where(allowed, 0.0, jnp.finfo(dtype).min).astype(dtype)
