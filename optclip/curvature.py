@@ -5,6 +5,8 @@ Appendix D), the top Hessian eigenvalue, the Hessian diagonal and R_med (Jiang, 
 
 from __future__ import annotations
 
+import functools
+
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -179,5 +181,6 @@ def r_med(hessian_diag, *, per_leaf: bool = False):
   """
   if per_leaf:
     return jax.tree.map(lambda d: r_med(d), hessian_diag)
-  largest = max(jnp.max(jnp.abs(d)) for d in jax.tree.leaves(hessian_diag))
+  # jnp.maximum, not Python's max: the leaves may be tracers under jit
+  largest = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(d)) for d in jax.tree.leaves(hessian_diag)])
   return largest / clip_threshold(hessian_diag, 0.5)

@@ -134,6 +134,22 @@ class ThresholdTest(chex.TestCase):
         optclip.coord_clip(bad)
 
 
+class SearchPathThresholdTest(ThresholdTest):
+  """The same checks on the sample-and-interpolate search that large trees take (small trees
+  normally take the plain bisection, `_compact_select`)."""
+
+  def setUp(self):
+    super().setUp()
+    from optclip import clipping
+    self._saved = clipping._COMPACT_MAX_SIZE
+    clipping._COMPACT_MAX_SIZE = 0
+
+  def tearDown(self):
+    from optclip import clipping
+    clipping._COMPACT_MAX_SIZE = self._saved
+    super().tearDown()
+
+
 class CoordClipTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
@@ -241,6 +257,7 @@ def test_gather_free_path_matches_numpy(monkeypatch):
   """The selection used for sharded leaves (no top_k, no reshape) is exact too."""
   from optclip import clipping
   monkeypatch.setattr(clipping, "_is_sharded", lambda x: True)
+  monkeypatch.setattr(clipping, "_COMPACT_MAX_SIZE", 0)
   rng = np.random.default_rng(7)
   threshold = jax.jit(optclip.clip_threshold, static_argnums=1)
   trees = [_random_tree(rng) for _ in range(4)]
