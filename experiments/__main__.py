@@ -1,22 +1,117 @@
-"""Command line: `python -m experiments <command> [options]`."""
+"""Command line: ``python -m experiments <command> [--preset P] [--seeds ...] [--out DIR]
+[--resume]``. ``reproduce`` runs every experiment; ``report DIR`` rebuilds a report."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
+
+EXPERIMENTS = {
+    "quadratic": "the introduction's f(x) = xᵀAx example",
+    "sharpness": "Table 1 and Tables 4-7: directional sharpness of every algorithm",
+    "landscape": "Figures 2-4, 7-16: loss along every update direction",
+    "histogram": "Figure 1: |update| coordinate histograms, sharpness attribution",
+    "convergence": "Figure 6 with Table 3's learning rates",
+    "smoothness": "Table 8: Gauss-Newton spectral norm with coordinate removal",
+    "resnet": "Table 9: directional sharpness on a ResNet",
+    "theory": "Theorems 1-2 checked on synthetic quadratics",
+    "rmed": "seed 002's R_med along SGD and Adam trajectories",
+}
+REPRODUCE_ORDER = ("quadratic", "theory", "sharpness", "resnet", "smoothness", "convergence")
+
+
+def _parser():
+  parser = argparse.ArgumentParser(prog="python -m experiments", description=__doc__)
+  sub = parser.add_subparsers(dest="command", required=True)
+  for name, help_text in {**EXPERIMENTS, "reproduce": "every experiment, then the report"}.items():
+    p = sub.add_parser(name, help=help_text)
+    p.add_argument("--preset", default="quick", help="smoke, quick or paper (default quick)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="seeds (default: the preset's, 3 for quick and paper)")
+    p.add_argument("--out", default=None, help="run folder (default runs/<command>-<preset>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--data-dir", default=None,
+                   help="folder with the paper's data sets saved by `datasets` (paper preset)")
+    p.add_argument("--cache-dir", default=None, help="tokenizer cache (default <out>/cache)")
+    p.add_argument("--mesh", default=None,
+                   help="device mesh such as data=2,fsdp=4 (parameters FSDP-sharded, batches "
+                        "along data)")
+  report = sub.add_parser("report", help="rebuild report.md of a run folder from its metrics")
+  report.add_argument("dir")
+  return parser
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m experiments", description=__doc__)
-  sub = parser.add_subparsers(dest="command", required=True)
-  quad = sub.add_parser("quadratic", help="the introduction's f(x) = xᵀAx example")
-  quad.add_argument("--out", default="runs/quadratic", help="output folder")
-  quad.add_argument("--steps", type=int, default=100)
+  from experiments import common
+  parser = _parser()
   args = parser.parse_args(argv)
-  if args.command == "quadratic":
-    from experiments import quadratic
-    quadratic.main(args.out, quadratic.QuadraticConfig(steps=args.steps))
+  try:
+    if args.command == "report":
+      from experiments import report
+      report.build(args.dir)
+      print(f"wrote {os.path.join(args.dir, 'report.md')}")
+      return 0
+    return _run(args)
+  except common.UsageError as error:
+    print(f"error: {error}", file=sys.stderr)
+    return 2
+
+
+def _run(args) -> int:
+  from experiments import common, presets
+  if args.preset not in presets.PRESETS:
+    raise common.UsageError(f"--preset {args.preset!r} is unknown; choose one of "
+                            f"{sorted(presets.PRESETS)}")
+  preset = presets.PRESETS[args.preset]
+  if preset.name == "paper" and not args.data_dir:
+    raise common.UsageError("--preset paper reads the paper's data sets from --data-dir "
+                            "(opus_books, the-stack-smol, imdb, cifar10 saved with "
+                            "`datasets`); optclip never downloads them")
+  if args.seeds is not None and not args.seeds:
+    raise common.UsageError("--seeds needs at least one seed")
+  seeds = tuple(args.seeds) if args.seeds else preset.seeds
+  out = args.out or os.path.join("runs", f"{args.command}-{preset.name}")
+  mesh = None
+  if args.mesh:
+    from optclip import sharding
+    try:
+      mesh = sharding.mesh_from_spec(args.mesh)
+    except ValueError as error:
+      raise common.UsageError(f"--mesh: {error}") from error
+  common.prepare_run_folder(out, args.resume)
+  previous = common.read_config(out)
+  if args.resume and previous and previous.get("preset") != preset.name:
+    raise common.UsageError(f"--resume: {out} was run with preset {previous.get('preset')!r}, "
+                            f"not {preset.name!r}")
+  import dataclasses
+  from experiments import context, report
+  names = REPRODUCE_ORDER if args.command == "reproduce" else (args.command,)
+  common.write_config(out, {"command": args.command, "preset": preset.name,
+                            "seeds": list(seeds), "mesh": args.mesh,
+                            "preset_values": dataclasses.asdict(preset),
+                            "environment": common.environment()})
+  ctx = context.Context(preset, seeds, out, common.Metrics(out), args.data_dir,
+                        args.cache_dir or os.path.join(out, "cache"), mesh)
+  start = time.time()
+  for name in names:
+    began = time.time()
+    module = _module(name)
+    module.run_experiment(ctx) if hasattr(module, "run_experiment") else module.run(ctx)
+    print(f"[{name}] done in {time.time() - began:.0f} s", flush=True)
+  elapsed = round(time.time() - start + previous.get("wall_time_s", 0.0), 1)
+  common.write_config(out, {"wall_time_s": elapsed})
+  report.build(out)
+  print(f"wrote {out}/report.md ({elapsed:.0f} s)")
+  for line in report.verdict_lines(out):
+    print(" -", line)
   return 0
+
+
+def _module(name):
+  import importlib
+  return importlib.import_module(f"experiments.{name}")
 
 
 if __name__ == "__main__":

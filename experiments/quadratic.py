@@ -100,15 +100,32 @@ def plot(results: dict, path: str) -> None:
   plt.close(fig)
 
 
-def main(out_dir: str, config: QuadraticConfig = QuadraticConfig()) -> dict:
-  os.makedirs(out_dir, exist_ok=True)
-  results = run(config)
+NAME = "quadratic"
+
+
+def run_experiment(ctx) -> None:
+  """The CLI entry: one record per optimizer (the best of the learning-rate grid)."""
+  for seed in ctx.seeds:
+    config = QuadraticConfig(seed=seed)
+    for name, result in run(config).items():
+      ctx.metrics.log(NAME, f"quadratic/seed{seed}/{name}", seed=seed, algorithm=name,
+                      learning_rate=result["learning_rate"], losses=result["losses"])
+
+
+def write(out: str, records) -> tuple[str, list]:
+  from experiments import common
+  first = min(r["seed"] for r in records)
+  results = {r["algorithm"]: {"learning_rate": r["learning_rate"], "losses": r["losses"]}
+             for r in records if r["seed"] == first}
+  plot(results, common.figure_path(out, "quadratic"))
   markdown = table(results)
-  print(markdown)
-  with open(os.path.join(out_dir, "quadratic.md"), "w") as f:
+  with open(os.path.join(out, "tables", "quadratic.md"), "w") as f:
     f.write(markdown + "\n")
-  with open(os.path.join(out_dir, "quadratic.json"), "w") as f:
-    json.dump({"config": dataclasses.asdict(config), "results": results}, f)
-  plot(results, os.path.join(out_dir, "quadratic.png"))
-  print(f"wrote {out_dir}/quadratic.png")
-  return results
+  final = {n: r["losses"][10] for n, r in results.items()}
+  clipped = next(n for n in final if "clip" in n)
+  verdict = (f"Clipping lets SGD take a larger step on the introduction's quadratic: "
+             f"**{'reproduced' if final[clipped] < final['sgd'] else 'not reproduced'}** "
+             f"(loss after 10 steps: SGD {final['sgd']:.3g}, {clipped} {final[clipped]:.3g}, "
+             f"Adam {final['adam']:.3g})")
+  return ("### The introduction's quadratic (A₁₁ = 100)\n\nFigure: `figures/quadratic.png`."
+          "\n\n" + markdown), [verdict]

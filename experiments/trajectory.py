@@ -64,13 +64,12 @@ def trajectory_optimizer(name: str, learning_rate: float):
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled(task_name, model, trajectory, learning_rate, kind, steps, hutchinson_samples):
-  """Jitted step and probe functions, shared by every seed of a task (same shapes)."""
+def _train_step(model, trajectory, learning_rate, kind):
+  """The jitted training step, shared by every seed of a task (same shapes, one compile)."""
   from optclip.models import make_loss_fn
   loss_fn = make_loss_fn(model)
   train_tx = trajectory_optimizer(trajectory, learning_rate)
   probes = probe_optimizers(kind)
-  steps = jnp.asarray(steps, jnp.float32)
 
   @jax.jit
   def train_step(state, batch):
@@ -80,33 +79,61 @@ def _compiled(task_name, model, trajectory, learning_rate, kind, steps, hutchins
     _, probe_states = optclip.step_pseudo_updates(probes, probe_states, grads, params)
     return (optax.apply_updates(params, updates), train_state, probe_states), loss
 
+  return train_step
+
+
+@functools.lru_cache(maxsize=None)
+def _probe(model, kind, steps, hutchinson_samples):
+  """The probe, shared by both trajectories and every seed of a task.
+
+  Jitted in separate pieces: XLA compiles several small programs faster than one large one.
+  """
+  from optclip.models import make_loss_fn
+  loss_fn = make_loss_fn(model)
+  probes = probe_optimizers(kind)
+  names = list(probes)
+  steps = jnp.asarray(steps, jnp.float32)
+
   @jax.jit
-  def probe(state, next_batch, test_batch, key):
-    params, _, probe_states = state
+  def would_be_updates(params, probe_states, next_batch):
     grads = jax.grad(loss_fn)(params, next_batch)
     updates, _ = optclip.step_pseudo_updates(probes, probe_states, grads, params)
-    names = list(probes)
+    return updates
+
+  @jax.jit
+  def geometry(params, updates, test_batch):
     directions = jax.tree.map(lambda *u: jnp.stack(u), *[updates[n] for n in names])
     test_loss = lambda p: loss_fn(p, test_batch)
     loss, test_grads = jax.value_and_grad(test_loss)(params)
     robust = optclip.directional_sharpness(test_loss, params, directions,
                                            robust_delta=ROBUST_DELTA)
-    raw = optclip.directional_sharpness(test_loss, params, directions)
-    landscape = optclip.landscape(test_loss, params, directions, steps)
     correlation = jax.vmap(lambda u: optclip.gradient_correlation(test_grads, u))(directions)
+    return {"loss": loss, "sharpness": robust.sharpness, "shifted": robust.shifted,
+            "landscape": optclip.landscape(test_loss, params, directions, steps),
+            "projection": correlation.projection, "cosine": correlation.cosine}
+
+  @jax.jit
+  def coordinates(params, updates, test_batch):
+    test_loss = lambda p: loss_fn(p, test_batch)
     histograms = {n: optclip.coordinate_histogram(updates[n], HISTOGRAM_BINS, HISTOGRAM_RANGE)
                   for n in ("sgd", "adam", "adafactor")}
-    attribution = optclip.sharpness_attribution(test_loss, params, updates["sgd"],
-                                                ATTRIBUTION_FRACTIONS)
+    return {"histograms": {n: (h[0], h[2]) for n, h in histograms.items()},
+            "attribution": optclip.sharpness_attribution(test_loss, params, updates["sgd"],
+                                                         ATTRIBUTION_FRACTIONS)}
+
+  @jax.jit
+  def curvature(params, test_batch, key):
+    test_loss = lambda p: loss_fn(p, test_batch)
     diagonal = optclip.hessian_diagonal(test_loss, params, method="hutchinson", key=key,
                                         samples=hutchinson_samples)
-    return {"loss": loss, "sharpness": robust.sharpness, "shifted": robust.shifted,
-            "raw_sharpness": raw, "landscape": landscape,
-            "projection": correlation.projection, "cosine": correlation.cosine,
-            "histograms": {n: (h[0], h[2]) for n, h in histograms.items()},
-            "attribution": attribution, "r_med": optclip.r_med(diagonal)}
+    return {"r_med": optclip.r_med(diagonal)}
 
-  return train_step, probe, tuple(probes)
+  def probe(params, probe_states, next_batch, test_batch, key):
+    updates = would_be_updates(params, probe_states, next_batch)
+    return {**geometry(params, updates, test_batch), **coordinates(params, updates, test_batch),
+            **curvature(params, test_batch, key)}
+
+  return probe
 
 
 def run(task, trajectory: str, seed: int, preset, out: str, metrics: common.Metrics, *,
@@ -119,8 +146,9 @@ def run(task, trajectory: str, seed: int, preset, out: str, metrics: common.Metr
   unit = f"{kind}-{task.name}-{trajectory}-seed{seed}"
   if metrics.has(f"{unit}/done"):
     return
-  train_step, probe, names = _compiled(task.name, task.model, trajectory, learning_rate, kind,
-                                       tuple(preset.landscape_steps), preset.hutchinson_samples)
+  train_step = _train_step(task.model, trajectory, learning_rate, kind)
+  probe = _probe(task.model, kind, tuple(preset.landscape_steps), preset.hutchinson_samples)
+  names = tuple(probe_optimizers(kind))
   params = task.init_params(seed)
   probes = probe_optimizers(kind)
   state = (params, trajectory_optimizer(trajectory, learning_rate).init(params),
@@ -145,7 +173,7 @@ def run(task, trajectory: str, seed: int, preset, out: str, metrics: common.Metr
     if epoch + 1 in probe_epochs:
       next_batch = next(task.epoch_batches(seed, epoch + 1))
       key = jax.random.fold_in(jax.random.PRNGKey(seed), epoch + 1)
-      result = jax.device_get(probe(state, next_batch, task.test_batch, key))
+      result = jax.device_get(probe(state[0], state[2], next_batch, task.test_batch, key))
       metrics.log(EXPERIMENT, f"{unit}/epoch{epoch + 1}/probe", kind=kind, task=task.name,
                   trajectory=trajectory, seed=seed, epoch=epoch + 1, algorithms=list(names),
                   step_sizes=list(preset.landscape_steps),

@@ -1,0 +1,73 @@
+"""report.md from a run folder's metrics alone: every table and figure, the paper's values
+beside ours, and one verdict line per claim."""
+
+from __future__ import annotations
+
+import os
+
+from experiments import common
+
+ORDER = ("quadratic", "sharpness", "landscape", "histogram", "convergence", "smoothness",
+         "resnet", "theory", "rmed")
+
+
+def _module(name):
+  import importlib
+  return importlib.import_module(f"experiments.{name}")
+
+
+def _records_for(name, records):
+  from experiments import trajectory
+  if name in ("sharpness", "landscape", "histogram", "rmed", "resnet"):
+    return [r for r in records if r["experiment"] == trajectory.EXPERIMENT]
+  return [r for r in records if r["experiment"] == name]
+
+
+def build(out: str, experiments=ORDER) -> str:
+  if not os.path.isdir(out):
+    raise common.UsageError(f"{out!r} is not a run folder")
+  for sub in ("tables", "figures"):
+    os.makedirs(os.path.join(out, sub), exist_ok=True)
+  records = common.read_metrics(out)
+  config = common.read_config(out)
+  sections, verdicts = [], []
+  for name in experiments:
+    mine = _records_for(name, records)
+    if name == "resnet" and not any(r.get("kind") == "resnet" for r in mine):
+      continue
+    if name in ("sharpness", "landscape", "histogram", "rmed") and not any(
+        r.get("kind") == "transformer" and r["key"].endswith("/probe") for r in mine):
+      if name != "rmed" or not mine:
+        continue
+    if not mine:
+      continue
+    text, lines = _module(name).write(out, mine)
+    sections.append(text)
+    verdicts += lines
+  header = [f"# optclip reproduction report",
+            "",
+            f"Pan & Li (2023), *Toward Understanding Why Adam Converges Faster Than SGD for "
+            f"Transformers* (arXiv 2306.00204), reproduced with optclip.",
+            "",
+            f"- preset: `{config.get('preset', '?')}`, seeds: {config.get('seeds', '?')}",
+            f"- device: {config.get('environment', {}).get('device', '?')}",
+            f"- wall time: {config.get('wall_time_s', '?')} s",
+            f"- data: " + "; ".join(f"{k}: {v.get('source')} ({v.get('size')} items, "
+                                    f"sha256 {v.get('sha256')})"
+                                    for k, v in sorted(config.get("data", {}).items())),
+            ""]
+  if config.get("preset") != "paper":
+    header += ["Scaled-down models and offline data: the numbers test the paper's *qualitative* "
+               "claims; paper values are listed beside ours for orientation, not as targets.", ""]
+  body = "\n".join(header) + "\n## Verdicts\n\n" + "\n".join(f"- {v}" for v in verdicts) + \
+      "\n\n## Tables and figures\n\n" + "\n\n".join(sections) + "\n"
+  with open(os.path.join(out, "report.md"), "w") as f:
+    f.write(body)
+  return body
+
+
+def verdict_lines(out: str) -> list:
+  with open(os.path.join(out, "report.md")) as f:
+    text = f.read()
+  section = text.split("## Verdicts", 1)[1].split("## Tables", 1)[0]
+  return [line[2:] for line in section.splitlines() if line.startswith("- ")]

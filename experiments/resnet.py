@@ -1,0 +1,39 @@
+"""Table 9: directional sharpness ratios on a ResNet in the SGD trajectory."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from experiments import common, paper_values, probing, trajectory
+
+NAME = "resnet"
+
+
+def run(ctx) -> None:
+  for seed in ctx.seeds:
+    task = ctx.task("images", seed)
+    trajectory.run(task, "sgd", seed, ctx.preset, ctx.out, ctx.metrics, kind="resnet",
+                   epochs=ctx.preset.resnet_epochs, probe_epochs=ctx.preset.resnet_probe_epochs)
+
+
+def write(out: str, records) -> tuple[str, list]:
+  groups = probing.grouped(records, "resnet")
+  rows, adam = [], []
+  paper_epochs = sorted(paper_values.TABLE9)
+  for (task, traj), by_epoch in sorted(groups.items()):
+    for position, (epoch, runs) in enumerate(sorted(by_epoch.items())):
+      paper_epoch = paper_epochs[position] if position < len(paper_epochs) else None
+      for name in runs[0]["algorithms"]:
+        mean, std = common.mean_std([probing.ratios(r)[name] for r in runs])
+        rows.append([epoch, name, mean, std, paper_epoch or "",
+                     paper_values.TABLE9.get(paper_epoch, {}).get(name, "")])
+      adam += [probing.ratios(r)["adam"] for r in runs]
+  table = common.write_table(out, "resnet_sharpness", ["epoch", "algorithm", "ratio to SGD",
+                                                       "std", "paper epoch", "paper ratio"], rows)
+  verdicts = []
+  if adam:
+    median = float(np.median(adam))
+    verdicts.append(f"{paper_values.CLAIMS['resnet']}: "
+                    f"**{'reproduced' if median > 0.1 else 'not reproduced'}**, median "
+                    f"Adam/SGD ratio {median:.3g} (transformers: see above)")
+  return "### ResNet, SGD trajectory (Table 9)\n\n" + table, verdicts

@@ -1,0 +1,97 @@
+"""Table 8: Gauss-Newton spectral norm L of the binary classifier (BERT) on a fixed batch of
+25, ℓ after removing the coordinates whose row norm is >= 4x the mean, L/ℓ and the fraction
+removed ε, at the start of every epoch of Adam training (lr 1e-4 in the paper)."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import optclip
+from experiments import common, paper_values
+
+NAME = "smoothness"
+
+
+def per_example_gauss_newton_factors(model):
+  """gᵢ = sqrt(pᵢ₀pᵢ₁)·∇θ(zᵢ₁ − zᵢ₀): ∇²fᵢ ≈ gᵢgᵢᵀ for a 2-class softmax (Appendix D.2)."""
+  from optclip.models import bert
+
+  def one(params, example):
+    batch = jax.tree.map(lambda x: x[None], example)
+    margin = lambda p: bert.per_example_logit_margin(model, p, batch)[0]
+    logits = bert.logits_fn(model, params, batch)[0]
+    probs = jax.nn.softmax(logits)
+    scale = jax.lax.stop_gradient(jnp.sqrt(probs[0] * probs[1]))
+    return jax.tree.map(lambda g: scale * g, jax.grad(margin)(params))
+
+  return jax.vmap(one, in_axes=(None, 0))
+
+
+@functools.lru_cache(maxsize=None)
+def _functions(model):
+  from optclip.models import make_loss_fn
+  loss_fn = make_loss_fn(model)
+  factors = per_example_gauss_newton_factors(model)
+  tx = optax.inject_hyperparams(optclip.adam)(learning_rate=1.0)
+
+  @jax.jit
+  def step(params, state, batch):
+    loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state, loss
+
+  @jax.jit
+  def measure(params, batch):
+    return optclip.gauss_newton_spectral_norm(lambda p, b: factors(p, {k: b[k] for k in (
+        "input_ids", "attention_mask")}), params, batch)
+
+  return tx, step, measure
+
+
+def run(ctx) -> None:
+  preset = ctx.preset
+  for seed in ctx.seeds:
+    if ctx.metrics.has(f"smoothness/seed{seed}/done"):
+      continue
+    task = ctx.task("classification", seed)
+    tx, step, measure = _functions(task.model)
+    params = task.init_params(seed)
+    state = tx.init(params)
+    state.hyperparams["learning_rate"] = jnp.asarray(preset.smoothness_learning_rate)
+    size = len(task.test_batch["label"])
+    for epoch in common.progress(range(preset.smoothness_epochs), desc=f"smoothness seed {seed}"):
+      result = jax.device_get(measure(params, task.test_batch))
+      ctx.metrics.log(NAME, f"smoothness/seed{seed}/epoch{epoch}", seed=seed, epoch=epoch,
+                      L=float(result.spectral_norm) / size,
+                      l=float(result.reduced_spectral_norm) / size,
+                      ratio=float(result.ratio), epsilon=float(result.fraction_removed))
+      for batch in task.epoch_batches(seed, epoch):
+        params, state, _ = step(params, state, batch)
+    ctx.metrics.log(NAME, f"smoothness/seed{seed}/done", seed=seed)
+
+
+def write(out: str, records) -> tuple[str, list]:
+  records = [r for r in records if "ratio" in r]
+  rows = []
+  for epoch in sorted({r["epoch"] for r in records}):
+    runs = [r for r in records if r["epoch"] == epoch]
+    paper = paper_values.TABLE8.get(epoch)
+    rows.append([epoch, *(common.mean_std([r[f] for r in runs])[0]
+                          for f in ("L", "l", "ratio", "epsilon")),
+                 *(paper if paper else ("",) * 4)])
+  table = common.write_table(out, "smoothness", ["epoch", "L", "ℓ", "L/ℓ", "ε", "paper L",
+                                                 "paper ℓ", "paper L/ℓ", "paper ε"], rows)
+  verdicts = []
+  if rows:
+    ratio = float(np.median([r[3] for r in rows]))
+    eps = float(np.median([r[4] for r in rows]))
+    ok = ratio >= 1.5 and eps <= 0.05
+    verdicts.append(f"{paper_values.CLAIMS['smoothness']}: **{'reproduced' if ok else 'not reproduced'}**"
+                    f", median L/ℓ {ratio:.3g} with ε {eps:.2%} removed")
+  return ("### Gauss-Newton smoothness of the binary classifier (Table 8)\n\nL and ℓ are "
+          "λ_max of (1/|S|) Σᵢ gᵢgᵢᵀ on the fixed batch.\n\n" + table), verdicts
