@@ -17,7 +17,8 @@ def run_transformer_units(ctx) -> None:
     for seed in ctx.seeds:
       task = ctx.task(task_name, seed)
       for name in TRAJECTORIES:
-        trajectory.run(task, name, seed, ctx.preset, ctx.out, ctx.metrics)
+        trajectory.run(task, name, seed, ctx.preset, ctx.out, ctx.metrics,
+                       mesh=ctx.mesh)
 
 
 def grouped(records, kind="transformer"):

@@ -13,7 +13,7 @@ def run(ctx) -> None:
   for seed in ctx.seeds:
     task = ctx.task("images", seed)
     trajectory.run(task, "sgd", seed, ctx.preset, ctx.out, ctx.metrics, kind="resnet",
-                   epochs=ctx.preset.resnet_epochs, probe_epochs=ctx.preset.resnet_probe_epochs)
+                   epochs=ctx.preset.resnet_epochs, probe_epochs=ctx.preset.resnet_probe_epochs, mesh=ctx.mesh)
 
 
 def write(out: str, records) -> tuple[str, list]:

@@ -63,11 +63,17 @@ def trajectory_optimizer(name: str, learning_rate: float):
   raise ValueError(f"trajectory must be 'sgd' or 'adam', got {name!r}")
 
 
-@functools.lru_cache(maxsize=None)
-def _train_step(model, trajectory, learning_rate, kind):
-  """The jitted training step, shared by every seed of a task (same shapes, one compile)."""
+def _loss(model, mesh):
   from optclip.models import make_loss_fn
+  from optclip.sharding import gathered_loss
   loss_fn = make_loss_fn(model)
+  return loss_fn if mesh is None else gathered_loss(loss_fn)
+
+
+@functools.lru_cache(maxsize=None)
+def _train_step(model, trajectory, learning_rate, kind, mesh=None):
+  """The jitted training step, shared by every seed of a task (same shapes, one compile)."""
+  loss_fn = _loss(model, mesh)
   train_tx = trajectory_optimizer(trajectory, learning_rate)
   probes = probe_optimizers(kind)
 
@@ -83,13 +89,12 @@ def _train_step(model, trajectory, learning_rate, kind):
 
 
 @functools.lru_cache(maxsize=None)
-def _probe(model, kind, steps, hutchinson_samples):
+def _probe(model, kind, steps, hutchinson_samples, mesh=None):
   """The probe, shared by both trajectories and every seed of a task.
 
   Jitted in separate pieces: XLA compiles several small programs faster than one large one.
   """
-  from optclip.models import make_loss_fn
-  loss_fn = make_loss_fn(model)
+  loss_fn = _loss(model, mesh)
   probes = probe_optimizers(kind)
   names = list(probes)
   steps = jnp.asarray(steps, jnp.float32)
@@ -138,21 +143,39 @@ def _probe(model, kind, steps, hutchinson_samples):
 
 def run(task, trajectory: str, seed: int, preset, out: str, metrics: common.Metrics, *,
         kind: str = "transformer", epochs: int | None = None, probe_epochs=None,
-        learning_rate: float | None = None) -> None:
-  """Trains one (task, trajectory, seed) unit and logs a record per probe epoch."""
+        learning_rate: float | None = None, mesh=None) -> None:
+  """Trains one (task, trajectory, seed) unit and logs a record per probe epoch.
+
+  With a ``mesh``, parameters and optimizer states are FSDP-sharded over its ``fsdp`` axis
+  and batches split over ``data``; checkpoints restore onto whatever mesh is given.
+  """
+  if mesh is not None:
+    with jax.set_mesh(mesh):
+      return _run(task, trajectory, seed, preset, out, metrics, kind, epochs, probe_epochs,
+                  learning_rate, mesh)
+  return _run(task, trajectory, seed, preset, out, metrics, kind, epochs, probe_epochs,
+              learning_rate, None)
+
+
+def _run(task, trajectory, seed, preset, out, metrics, kind, epochs, probe_epochs,
+         learning_rate, mesh):
+  from optclip import sharding
+  place = (lambda tree: tree) if mesh is None else (lambda tree: sharding.shard_params(tree, mesh))
+  place_batch = (lambda b: b) if mesh is None else (lambda b: sharding.shard_batch(b, mesh))
   epochs = epochs or preset.epochs
   probe_epochs = tuple(probe_epochs or preset.probe_epochs)
   learning_rate = learning_rate or preset.trajectory_learning_rates[trajectory]
   unit = f"{kind}-{task.name}-{trajectory}-seed{seed}"
   if metrics.has(f"{unit}/done"):
     return
-  train_step = _train_step(task.model, trajectory, learning_rate, kind)
-  probe = _probe(task.model, kind, tuple(preset.landscape_steps), preset.hutchinson_samples)
+  train_step = _train_step(task.model, trajectory, learning_rate, kind, mesh)
+  probe = _probe(task.model, kind, tuple(preset.landscape_steps), preset.hutchinson_samples,
+                 mesh)
   names = tuple(probe_optimizers(kind))
   params = task.init_params(seed)
   probes = probe_optimizers(kind)
-  state = (params, trajectory_optimizer(trajectory, learning_rate).init(params),
-           optclip.init_pseudo_updates(probes, params))
+  state = place((params, trajectory_optimizer(trajectory, learning_rate).init(params),
+                 optclip.init_pseudo_updates(probes, params)))
   start = 0
   saved = common.latest_checkpoint(out, unit)
   if saved is not None:
@@ -162,7 +185,7 @@ def run(task, trajectory: str, seed: int, preset, out: str, metrics: common.Metr
                         desc=f"{task.name} {trajectory} seed {seed}")
   for epoch in range(start, epochs):
     losses = []
-    for batch in prefetch(task.epoch_batches(seed, epoch)):
+    for batch in prefetch(map(place_batch, task.epoch_batches(seed, epoch))):
       state, loss = train_step(state, batch)
       losses.append(loss)
       bar.update()
@@ -171,9 +194,9 @@ def run(task, trajectory: str, seed: int, preset, out: str, metrics: common.Metr
     metrics.log(EXPERIMENT, f"{unit}/epoch{epoch + 1}/train", kind=kind, task=task.name,
                 trajectory=trajectory, seed=seed, epoch=epoch + 1, train_loss=train_loss)
     if epoch + 1 in probe_epochs:
-      next_batch = next(task.epoch_batches(seed, epoch + 1))
+      next_batch = place_batch(next(task.epoch_batches(seed, epoch + 1)))
       key = jax.random.fold_in(jax.random.PRNGKey(seed), epoch + 1)
-      result = jax.device_get(probe(state[0], state[2], next_batch, task.test_batch, key))
+      result = jax.device_get(probe(state[0], state[2], next_batch, place_batch(task.test_batch), key))
       metrics.log(EXPERIMENT, f"{unit}/epoch{epoch + 1}/probe", kind=kind, task=task.name,
                   trajectory=trajectory, seed=seed, epoch=epoch + 1, algorithms=list(names),
                   step_sizes=list(preset.landscape_steps),

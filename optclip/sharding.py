@@ -121,3 +121,14 @@ def place_by_rules(tree: Any, logical_axes: Any, rules: Sequence[tuple[str, str 
   return jax.tree.map(
       lambda x, names: jax.device_put(x, NamedSharding(mesh, logical_to_spec(names, rules))),
       tree, logical_axes, is_leaf=lambda n: isinstance(n, tuple))
+
+
+def gathered_loss(loss_fn):
+  """FSDP's compute pattern for ``loss_fn(params, batch)`` under an explicit-sharding mesh:
+  the parameters are all-gathered (resharded to replicated) for the computation, the batch
+  stays split along its data axis, and the gradient flows back as a reduce-scatter onto the
+  parameters' own sharding. Use inside ``jax.set_mesh(mesh)``."""
+  def sharded_loss(params, batch):
+    replicated = jax.tree.map(lambda x: jax.sharding.reshard(x, PartitionSpec()), params)
+    return loss_fn(replicated, batch)
+  return sharded_loss

@@ -1,0 +1,91 @@
+"""The experiments CLI: clean failures, artifacts, report rebuilt from metrics, resume."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from experiments.__main__ import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _cli(args, env=None, timeout=900):
+  environment = {**os.environ, "OPTCLIP_NO_PROGRESS": "1", **(env or {})}
+  environment["PYTHONPATH"] = ROOT + os.pathsep + environment.get("PYTHONPATH", "")
+  return subprocess.run([sys.executable, "-m", "experiments", *args], cwd=ROOT,
+                        env=environment, capture_output=True, text=True, timeout=timeout)
+
+
+def test_bad_arguments_exit_2_and_overwrite_nothing(tmp_path, capsys):
+  assert main(["theory", "--preset", "huge", "--out", str(tmp_path / "a")]) == 2
+  assert "--preset 'huge' is unknown" in capsys.readouterr().err
+  assert main(["theory", "--preset", "paper", "--out", str(tmp_path / "b")]) == 2
+  assert "--data-dir" in capsys.readouterr().err
+  busy = tmp_path / "busy"
+  busy.mkdir()
+  (busy / "keep.txt").write_text("precious")
+  assert main(["theory", "--preset", "smoke", "--out", str(busy)]) == 2
+  assert "not empty" in capsys.readouterr().err
+  assert os.listdir(busy) == ["keep.txt"] and (busy / "keep.txt").read_text() == "precious"
+  afile = tmp_path / "file"
+  afile.write_text("x")
+  assert main(["theory", "--preset", "smoke", "--out", str(afile)]) == 2
+  assert afile.read_text() == "x"
+  assert main(["theory", "--preset", "smoke", "--out", str(tmp_path / "m"),
+               "--mesh", "data=3,fsdp=5"]) == 2
+  assert main(["report", str(tmp_path / "nowhere")]) == 2
+
+
+def test_theory_and_quadratic_write_a_consistent_run_folder(tmp_path):
+  out = str(tmp_path / "run")
+  assert main(["theory", "--preset", "smoke", "--out", out]) == 0
+  assert main(["quadratic", "--preset", "smoke", "--out", out, "--resume"]) == 0
+  config = json.load(open(os.path.join(out, "config.json")))
+  assert config["preset"] == "smoke" and "jax" in config["environment"]["versions"]
+  records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+  assert len({r["key"] for r in records}) == len(records)
+  for r in (r for r in records if r["experiment"] == "theory"):
+    # an independent check of the logged numbers: SGD's sharpness on these quadratics is a
+    # curvature-weighted mean, so it lies in [min, max] curvature = [0.1, L]
+    assert 0.1 <= r["sgd"]["sharpness"] <= r["L"] + 1e-3
+    assert r["clipped sgd"]["sharpness"] <= r["sgd"]["sharpness"] + 1e-3
+  for name in ("tables/theory.csv", "tables/theory.md", "tables/quadratic.md",
+               "figures/quadratic.png", "report.md"):
+    assert os.path.getsize(os.path.join(out, name)) > 0, name
+  with open(os.path.join(out, "figures/quadratic.png"), "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  report = open(os.path.join(out, "report.md")).read()
+  assert "## Verdicts" in report and "Theorems 1-2" in report
+  os.remove(os.path.join(out, "report.md"))
+  assert main(["report", out]) == 0
+  assert open(os.path.join(out, "report.md")).read() == report
+
+
+@pytest.mark.slow
+def test_smoke_reproduce_is_complete_and_resume_matches_an_uninterrupted_run(tmp_path):
+  full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
+  result = _cli(["reproduce", "--preset", "smoke", "--out", full])
+  assert result.returncode == 0, result.stderr[-3000:]
+  for name in ("sharpness_translation_sgd", "sharpness_code_adam", "landscape_best_reduction",
+               "sharpness_attribution", "convergence", "smoothness", "resnet_sharpness",
+               "theory", "rmed"):
+    assert os.path.exists(os.path.join(full, "tables", name + ".csv")), name
+  records = [json.loads(l) for l in open(os.path.join(full, "metrics.jsonl"))]
+  probes = [r for r in records if r["key"].endswith("/probe")]
+  assert probes and all(np.all(np.isfinite(r["landscape"])) for r in probes)
+  for r in probes:  # step 0 of the landscape is the probe point itself
+    np.testing.assert_allclose(np.asarray(r["landscape"])[:, 0], r["loss"], rtol=1e-5)
+  # A run killed right after its first checkpoint, then resumed, ends with the same metrics.
+  first = _cli(["resnet", "--preset", "smoke", "--out", killed],
+               env={"OPTCLIP_EXIT_AFTER_CHECKPOINTS": "1"})
+  assert first.returncode == 75, first.stderr[-3000:]
+  assert _cli(["resnet", "--preset", "smoke", "--out", killed, "--resume"]).returncode == 0
+  resumed = {r["key"]: r for r in map(json.loads, open(os.path.join(killed, "metrics.jsonl")))}
+  reference = {r["key"]: r for r in records if r.get("kind") == "resnet"}
+  assert set(resumed) == set(reference)
+  for key in reference:
+    assert resumed[key] == reference[key], key
