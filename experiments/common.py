@@ -66,7 +66,11 @@ def write_config(out: str, config: dict) -> None:
   if os.path.exists(path):
     with open(path) as f:
       current = json.load(f)
-  current.update(config)
+  for key, value in config.items():
+    if isinstance(value, dict) and isinstance(current.get(key), dict) and key == "data":
+      current[key] = {**current[key], **value}  # one entry per task, gathered over the run
+    else:
+      current[key] = value
   _write_json_atomic(path, current)
 
 
