@@ -31,9 +31,14 @@ def write(out: str, records) -> tuple[str, list]:
   table = common.write_table(out, "resnet_sharpness", ["epoch", "algorithm", "ratio to SGD",
                                                        "std", "paper epoch", "paper ratio"], rows)
   verdicts = []
+  transformer = [probing.ratios(r)["adam"] for by_epoch in probing.grouped(records).values()
+                 for runs in by_epoch.values() for r in runs]
   if adam:
     median = float(np.median(adam))
-    verdicts.append(f"{paper_values.CLAIMS['resnet']}: "
-                    f"**{'reproduced' if median > 0.1 else 'not reproduced'}**, median "
-                    f"Adam/SGD ratio {median:.3g} (transformers: see above)")
+    reference = float(np.median(transformer)) if transformer else float("nan")
+    # The paper's ResNet ratios are O(1) (up to 4.8 for Adam) against ~1e-2 for transformers.
+    status = ("reproduced" if median >= 1 else
+              "partly reproduced" if median >= 3 * reference else "not reproduced")
+    verdicts.append(f"{paper_values.CLAIMS['resnet']}: **{status}**, median Adam/SGD ratio "
+                    f"{median:.3g} on the ResNet vs {reference:.3g} on the transformers")
   return "### ResNet, SGD trajectory (Table 9)\n\n" + table, verdicts
