@@ -76,9 +76,12 @@ def test_smoke_reproduce_is_complete_and_resume_matches_an_uninterrupted_run(tmp
     assert os.path.exists(os.path.join(full, "tables", name + ".csv")), name
   records = [json.loads(l) for l in open(os.path.join(full, "metrics.jsonl"))]
   probes = [r for r in records if r["key"].endswith("/probe")]
-  assert probes and all(np.all(np.isfinite(r["landscape"])) for r in probes)
-  for r in probes:  # step 0 of the landscape is the probe point itself
-    np.testing.assert_allclose(np.asarray(r["landscape"])[:, 0], r["loss"], rtol=1e-5)
+  assert probes
+  for r in probes:
+    # Large steps may diverge (stored as "inf"/"nan"); step 0 is the probe point itself.
+    landscape = np.asarray(r["landscape"], np.float64)
+    np.testing.assert_allclose(landscape[:, 0], r["loss"], rtol=1e-5)
+    assert np.all(np.isfinite(np.asarray(r["sharpness"], np.float64)))
   # A run killed right after its first checkpoint, then resumed, ends with the same metrics.
   first = _cli(["resnet", "--preset", "smoke", "--out", killed],
                env={"OPTCLIP_EXIT_AFTER_CHECKPOINTS": "1"})
