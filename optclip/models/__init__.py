@@ -14,7 +14,7 @@ import jax
 
 from optclip.models import bert, gpt_neo, resnet, t5
 from optclip.models.convert import (FAMILIES, CheckpointError, config_from_hf, config_to_hf,
-                                    load_pretrained, save_pretrained)
+                                    init_variables, load_pretrained, save_pretrained)
 
 PRESETS = {**t5.PRESETS, **gpt_neo.PRESETS, **bert.PRESETS, **resnet.PRESETS}
 
@@ -44,15 +44,7 @@ def create(name_or_config, **overrides):
 
 def init_params(model, key, *, with_state: bool = False):
   """Random parameters (the HF initialisation scheme) for ``model``."""
-  config = model.config
-  batch = family(config).dummy_batch(config)
-  if config.model_type == "resnet":
-    variables = model.init(key, batch["pixels"], train=False)
-  elif config.model_type == "t5":
-    variables = model.init(key, batch["input_ids"], batch["attention_mask"], batch["labels"])
-  else:
-    variables = model.init(key, batch["input_ids"])
-  variables = dict(variables)
+  variables = dict(init_variables(model, key))
   params = variables.pop("params")
   return (params, variables) if with_state else params
 

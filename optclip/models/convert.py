@@ -208,17 +208,19 @@ def read_state_dict(folder: str) -> dict:
                         "model.safetensors.index.json or pytorch_model.bin")
 
 
-def _abstract_variables(model, config):
-  family = FAMILIES[config.model_type][2]
-  batch = family.dummy_batch(config)
+def init_variables(model, key):
+  """``model.init`` with the family's dummy inputs: all Flax collections of a fresh model."""
+  config = model.config
+  batch = FAMILIES[config.model_type][2].dummy_batch(config)
   if config.model_type == "resnet":
-    init = lambda: model.init(jax.random.PRNGKey(0), batch["pixels"], train=False)
-  elif config.model_type == "t5":
-    init = lambda: model.init(jax.random.PRNGKey(0), batch["input_ids"],
-                              batch["attention_mask"], batch["labels"])
-  else:
-    init = lambda: model.init(jax.random.PRNGKey(0), batch["input_ids"])
-  return jax.eval_shape(init)
+    return model.init(key, batch["pixels"], train=False)
+  if config.model_type == "t5":
+    return model.init(key, batch["input_ids"], batch["attention_mask"], batch["labels"])
+  return model.init(key, batch["input_ids"])
+
+
+def _abstract_variables(model, config):
+  return jax.eval_shape(lambda: init_variables(model, jax.random.PRNGKey(0)))
 
 
 def load_pretrained(folder: str, *, dtype=None, with_state: bool = False):
