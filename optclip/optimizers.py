@@ -314,8 +314,11 @@ def scale_by_clipped_adafactor(
       if _factored(g.shape):
         row = beta * row + (1 - beta) * jnp.sum(sq, axis=-1)
         col = beta * col + (1 - beta) * jnp.sum(sq, axis=-2)
-        v_hat = (row[..., :, None] * col[..., None, :]
-                 / jnp.sum(row, axis=-1, keepdims=True)[..., None])
+        # R/sum(R) first: multiplying two ~ε₁-sized factors first underflows to 0 in float32
+        # (0/0 = NaN where a block of the gradient is exactly zero, e.g. conv taps that only
+        # see padding).
+        v_hat = ((row / jnp.sum(row, axis=-1, keepdims=True))[..., :, None]
+                 * col[..., None, :])
       else:
         v = beta * v + (1 - beta) * sq
         v_hat = v

@@ -171,3 +171,13 @@ def test_training_a_quadratic_decreases_loss():
       updates, state = tx.update(jax.grad(loss)(x), state, x)
       x = optax.apply_updates(x, updates)
     assert float(loss(x)) < float(loss(jnp.ones(10)))
+
+
+def test_adafactor_is_finite_where_a_factored_block_has_zero_gradient():
+  # Conv taps that only ever see padding get exactly zero gradients; R·C of two ε₁-sized
+  # factors underflows in float32, which once produced 0/0 = NaN.
+  grads = {"kernel": jnp.zeros((3, 3, 8, 16)).at[0, 0].set(1.0)}
+  tx = optclip.adafactor()
+  updates, _ = tx.update(grads, tx.init(grads), grads)
+  assert np.all(np.isfinite(updates["kernel"]))
+  np.testing.assert_array_equal(updates["kernel"][1:], 0.0)
