@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from experiments import common, paper_values, probing, trajectory
+from experiments import common, paper_values, probing
 
 NAME = "histogram"
 

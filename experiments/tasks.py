@@ -7,7 +7,6 @@ the masks of the code task (drawn once, p = 0.15) and the order of batches in ev
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any, Callable
 
 import jax
@@ -77,10 +76,9 @@ def translation_task(preset: TaskPreset, seed: int, data_dir=None, cache_dir=Non
   train, test = _split(len(pairs), preset, seed)
   tokenizer = tokenization.train_tokenizer(
       [t for i in train for t in pairs[i]], preset.vocab_size, cache_dir=cache_dir)
-  english = tokenization.encode(tokenizer, [p[0] for p in pairs_at(pairs, train, test)],
-                                max_length=preset.max_length)
-  french = tokenization.encode(tokenizer, [p[1] for p in pairs_at(pairs, train, test)],
-                               max_length=preset.max_length)
+  chosen = [pairs[i] for i in np.concatenate([train, test])]
+  english = tokenization.encode(tokenizer, [p[0] for p in chosen], max_length=preset.max_length)
+  french = tokenization.encode(tokenizer, [p[1] for p in chosen], max_length=preset.max_length)
   source_length = batching.bucket_length(map(len, english), _buckets(preset.max_length))
   target_length = batching.bucket_length(map(len, french), _buckets(preset.max_length))
   data = batching.translation_batch(english, french, source_length, target_length)
@@ -92,10 +90,6 @@ def translation_task(preset: TaskPreset, seed: int, data_dir=None, cache_dir=Non
   return Task("translation", model, models.make_loss_fn(model),
               {k: v[:n] for k, v in data.items()}, {k: v[n:] for k, v in data.items()},
               preset.batch_size, info)
-
-
-def pairs_at(pairs, train, test):
-  return [pairs[i] for i in train] + [pairs[i] for i in test]
 
 
 def _buckets(max_length: int):
