@@ -156,13 +156,16 @@ class _Problem(NamedTuple):
   gather_ok: bool  # False for explicitly sharded leaves: no reshape, top_k or sample gather
   finite_only: bool  # True when every entry is known to be finite
 
+  def magnitude(self, raw):
+    """|g| in the key float dtype, non-finite entries zeroed."""
+    if self.finite_only:
+      return jnp.abs(raw).astype(self.bits.float_dtype)
+    return jnp.where(jnp.isfinite(raw), jnp.abs(raw), 0).astype(self.bits.float_dtype)
+
   @property
   def leaves(self):
-    """|g| in the key float dtype, non-finite entries zeroed; recomputed (fused) per pass."""
-    dtype = self.bits.float_dtype
-    if self.finite_only:
-      return [jnp.abs(l).astype(dtype) for l in self.raw_leaves]
-    return [jnp.where(jnp.isfinite(l), jnp.abs(l), 0).astype(dtype) for l in self.raw_leaves]
+    """`magnitude` of every leaf; recomputed (fused) per pass, never stored."""
+    return [self.magnitude(l) for l in self.raw_leaves]
 
 
 def _group_combine(per_leaf: list, problem: _Problem, combine, fill):
@@ -174,122 +177,128 @@ def _group_combine(per_leaf: list, problem: _Problem, combine, fill):
   return jnp.stack([r if r is not None else jnp.full((width,), fill) for r in rows])
 
 
-def _sequential(fn, problem: _Problem) -> list:
-  """[fn(leaf, group) for each leaf], evaluated one leaf after the other.
-
-  XLA may otherwise schedule every leaf's pass side by side; where a pass cannot be fused
-  into its reduction (integer and select ops on CPU) that holds a full-size temporary per
-  leaf at once. Threading each result into the next leaf's input through an optimization
-  barrier orders the passes, so one leaf's temporaries are reused by the next.
-  """
-  results, previous = [], None
-  for leaf, group in zip(problem.leaves, problem.group_of_leaf):
-    if previous is not None:
-      previous, leaf = jax.lax.optimization_barrier((previous, leaf))
-    previous = fn(leaf, group)
-    results.append(previous)
-  return results
-
-
-def _subnormal_view(values, bits: _Bits):
-  """Maps |g| to normal floats that order the subnormals (and zero) exactly.
-
-  CPUs flush subnormals to zero inside XLA kernels, so float arithmetic cannot tell them
-  apart. Key k < 2^(p-1) (zero or subnormal) maps to the normal float 1 + k·2^(1-p), and every
-  normal number maps to 2; only integer and bit operations touch the subnormal inputs.
-  """
-  keys = _value_to_key(values, bits)
-  return _key_to_value(jnp.minimum(keys, bits.min_normal_key) + bits.one_key, bits)
-
-
-def _subnormal_view_key(pivot_keys, bits: _Bits):
-  return jnp.minimum(pivot_keys, bits.min_normal_key) + bits.one_key
+def _keys(problem: _Problem, raw):
+  return _value_to_key(problem.magnitude(raw), problem.bits)
 
 
 def _count_ge(problem: _Problem, pivots) -> jax.Array:
   """Exact count of |g| >= pivot per group: pivots (G, P) keys -> (G, P) int32.
 
-  Pivots below the smallest normal number are counted on the `_subnormal_view`; that branch
-  only runs when the threshold is zero or subnormal.
+  The fast branch compares in float arithmetic (`_below_indicator`), which CPUs evaluate with
+  subnormals flushed to zero. Pivots below the smallest normal number (a zero or subnormal
+  threshold, rare) are counted by comparing the integer keys instead: exact, fused, but not
+  vectorised by XLA on CPU.
   """
   bits = problem.bits
 
-  def normal_count(leaf, group):
-    return leaf.size - _exact_counts(_below_indicator(leaf, pivots[group], bits))
+  def by_values():
+    return [leaf.size - _exact_counts(_below_indicator(leaf, pivots[group], bits))
+            for leaf, group in zip(problem.leaves, problem.group_of_leaf)]
 
-  def fast():
-    return _sequential(normal_count, problem)
-
-  def with_subnormals():
-    def count(leaf, group):
-      view = _subnormal_view(leaf, bits)
-      tiny = leaf.size - _exact_counts(
-          _below_indicator(view, _subnormal_view_key(pivots[group], bits), bits))
-      return jnp.where(pivots[group] < bits.min_normal_key, tiny, normal_count(leaf, group))
-    return _sequential(count, problem)
+  def by_keys():
+    counts = []
+    for raw, group in zip(problem.raw_leaves, problem.group_of_leaf):
+      keys = _keys(problem, raw)
+      expand = (slice(None),) + (None,) * keys.ndim
+      counts.append(jnp.sum(keys[None] >= pivots[group][expand],
+                            axis=tuple(range(1, keys.ndim + 1)), dtype=jnp.int32))
+    return counts
 
   subnormal = jnp.any(pivots < bits.min_normal_key)
-  per_leaf = jax.lax.cond(subnormal, with_subnormals, fast)
+  per_leaf = jax.lax.cond(subnormal, by_keys, by_values)
   return _group_combine(per_leaf, problem, jnp.add, 0)
 
 
 def _snap(problem: _Problem, lo, hi):
-  """Largest key below hi and smallest key at or above lo, per group (one pass)."""
+  """Largest key below hi and smallest key at or above lo, per group (max reductions).
+
+  When every lo is a normal number, so is every element of interest, and float arithmetic
+  (vectorised, fused) is exact; otherwise the integer keys are compared (see `_count_ge`).
+  Both extremes come from one max over a stacked (2, ...) expression: two reductions of the
+  same |g| would make XLA store |g| between them.
+  """
   bits = problem.bits
-  big = jnp.finfo(bits.float_dtype).max
-  min_normal = jnp.asarray(bits.min_normal_key, bits.key_dtype)
+  inf_key = jnp.asarray(bits.inf_key, bits.key_dtype)
 
-  def extremes(leaf, group):
-    view = _subnormal_view(leaf, bits)
-    normal_pivots = jnp.stack([hi[group], jnp.maximum(lo[group], min_normal)])
-    below = _below_indicator(leaf, normal_pivots, bits)
-    view_below = _below_indicator(
-        view, _subnormal_view_key(jnp.stack([hi[group], lo[group]]), bits), bits)
-    return jnp.stack([
-        jnp.max(leaf * below[0]),  # largest normal element below hi (0 if none)
-        jnp.max(view * view_below[0]),  # largest subnormal-view element below hi
-        # a + big overflows to inf for the excluded entries, which min ignores.
-        jnp.min(leaf + below[1] * big),  # smallest normal element >= max(lo, min normal)
-        jnp.min(view + view_below[1] * big),  # smallest subnormal-view element >= lo
-    ])
+  def combine(per_leaf):  # per leaf: (largest, -smallest)
+    table = _group_combine(per_leaf, problem, jnp.maximum, -inf_key)
+    return table[:, 0], -table[:, 1]
 
-  parts = _sequential(extremes, problem)
-  rows = [None] * problem.num_groups
-  for part, group in zip(parts, problem.group_of_leaf):
-    rows[group] = part if rows[group] is None else jnp.stack([
-        jnp.maximum(rows[group][0], part[0]), jnp.maximum(rows[group][1], part[1]),
-        jnp.minimum(rows[group][2], part[2]), jnp.minimum(rows[group][3], part[3])])
-  fill = jnp.asarray([0, 0, jnp.inf, jnp.inf], bits.float_dtype)
-  table = jnp.stack([r if r is not None else fill for r in rows])
-  largest_normal = _value_to_key(table[:, 0], bits)
-  largest_tiny = jnp.maximum(_value_to_key(table[:, 1], bits) - bits.one_key, 0)
-  largest = jnp.where(largest_normal >= min_normal, largest_normal,
-                      jnp.minimum(largest_tiny, min_normal - 1))
-  smallest_normal = _value_to_key(table[:, 2], bits)
-  tiny_view = table[:, 3]
-  smallest_tiny = _value_to_key(tiny_view, bits) - bits.one_key
-  smallest = jnp.where((lo < min_normal) & (tiny_view < 2), smallest_tiny, smallest_normal)
+  def by_values():
+    big = jnp.finfo(bits.float_dtype).max
+    per_leaf = []
+    for leaf, group in zip(problem.leaves, problem.group_of_leaf):
+      below = _below_indicator(leaf, jnp.stack([hi[group], lo[group]]), bits)
+      expand = (slice(None),) + (None,) * leaf.ndim
+      # Row 0: a·[a < hi], whose max is the largest element below hi (0 if none).
+      # Row 1: -a - big·[a < lo], whose max is minus the smallest element >= lo.
+      sign = jnp.asarray([0, -1], bits.float_dtype)[expand]
+      slope = jnp.asarray([1, 0], bits.float_dtype)[expand]
+      offset = jnp.asarray([0, -big], bits.float_dtype)[expand]
+      rows = sign * leaf[None] + (slope * leaf[None] + offset) * below
+      extremes = jnp.max(rows, axis=tuple(range(1, rows.ndim)), initial=-jnp.inf)
+      per_leaf.append(jnp.stack([_value_to_key(extremes[0], bits),
+                                 -_value_to_key(-extremes[1], bits)]))
+    return combine(per_leaf)
+
+  def by_keys():
+    per_leaf = []
+    for raw, group in zip(problem.raw_leaves, problem.group_of_leaf):
+      keys = _keys(problem, raw)
+      rows = jnp.stack([jnp.where(keys < hi[group], keys, 0),
+                        -jnp.where(keys >= lo[group], keys, inf_key)])
+      per_leaf.append(jnp.max(rows, axis=tuple(range(1, rows.ndim)), initial=-inf_key))
+    return combine(per_leaf)
+
+  normal = jnp.all(lo >= bits.min_normal_key)
+  largest, smallest = jax.lax.cond(normal, by_values, by_keys)
   return largest.astype(bits.key_dtype), smallest.astype(bits.key_dtype)
 
 
+def _row_view(leaf):
+  """A free (rows, length) view of a leaf for the two-level top_k of `_top_below`.
+
+  The finish gathers _TOP_K rows and takes the per-leaf maxima of all rows, so rows of about
+  sqrt(size / _TOP_K) elements balance the two; any divisor of the size near that works
+  because a row-major reshape is only a relabelling. Without one, the last axis serves.
+  """
+  size = leaf.size
+  target = max(1.0, math.sqrt(size / _TOP_K))
+  divisors = [d for d in range(max(1, int(target / 8)), int(target * 8) + 1) if size % d == 0]
+  if divisors:
+    length = min(divisors, key=lambda d: abs(math.log(d / target)))
+  elif leaf.ndim >= 2:
+    length = leaf.shape[-1]
+  else:
+    length = size
+  return leaf.reshape(-1, length)
+
+
 def _top_below(problem: _Problem, hi, r):
-  """Key of the r-th largest element below hi per group (r <= _TOP_K), from per-leaf top_k."""
+  """Key of the r-th largest element below hi per group (r <= _TOP_K), in two levels.
+
+  A full top_k per leaf needs a materialised masked copy of every leaf (and costs about
+  four counting passes on CPU). Instead one fused pass takes the largest element below hi
+  of every row; the _TOP_K rows with the largest such maxima hold the _TOP_K largest
+  elements below hi (ties included: every chosen row with maximum v contributes a v), so
+  a top_k over those gathered rows is exact. Comparisons in top_k may treat subnormals as
+  zero, so the caller only uses this when the answer is a normal number.
+  """
   bits = problem.bits
   candidates = [[] for _ in range(problem.num_groups)]
-
-  def top(leaf, group):
-    # top_k on float values: on CPU it is ~30x faster than on integer keys. Its comparisons
-    # may treat subnormals as zero, so the caller only uses it when lo is a normal number.
-    flat = jnp.ravel(leaf)
-    masked = jnp.where(flat < _key_to_value(hi[group], bits), flat, 0)
+  for raw, group in zip(problem.raw_leaves, problem.group_of_leaf):
+    if not raw.size:
+      continue
+    # |g| is recomputed from the raw rows on both levels so that it is never stored.
+    raw_rows = _row_view(raw)
+    rows = problem.magnitude(raw_rows)
+    below = _below_indicator(rows, hi[group][None], bits)[0]
+    row_max = jnp.max(rows * below, axis=1)  # 0 for rows without an element below hi
+    chosen = jax.lax.top_k(row_max, min(_TOP_K, row_max.shape[0]))[1]
+    gathered = problem.magnitude(raw_rows[chosen])
     # Zeros never displace real candidates: every element is >= 0.
-    return jax.lax.top_k(masked, min(_TOP_K, masked.size))[0]
-
-  nonempty = problem._replace(
-      raw_leaves=[l for l in problem.raw_leaves if l.size],
-      group_of_leaf=[g for l, g in zip(problem.raw_leaves, problem.group_of_leaf) if l.size])
-  for values, group in zip(_sequential(top, nonempty), nonempty.group_of_leaf):
-    candidates[group].append(values)
+    masked = jnp.where(gathered < _key_to_value(hi[group], bits), gathered, 0).ravel()
+    candidates[group].append(jax.lax.top_k(masked, min(_TOP_K, masked.size))[0])
   answers = []
   for group in range(problem.num_groups):
     if not candidates[group]:
@@ -419,6 +428,7 @@ def _finish(s: _LoopState, solved, answer) -> _LoopState:
 
 def _select(problem: _Problem) -> jax.Array:
   """Key of the k-th largest element per group (the inf key for groups without elements)."""
+  outer_problem = problem
   bits = problem.bits
   G = problem.num_groups
   empty = problem.k <= 0
@@ -432,37 +442,42 @@ def _select(problem: _Problem) -> jax.Array:
   # Groups without finite coordinates finish at once: τ = +inf, nothing is clipped.
   state = _finish(state, empty, jnp.full((G,), bits.inf_key, bits.key_dtype))
 
-  def top_k_step(s):
-    r = problem.k - s.c_hi
-    answer = _top_below(problem, s.hi, r)
-    return _finish(s, s.active & (r <= _TOP_K), answer)._replace(step=s.step + 1)
-
-  def snap_step(s):
-    # The bracket's largest element is the answer when r == 1, its smallest when r == width,
-    # and either when they are equal; otherwise the bracket shrinks to [smallest, largest].
-    largest, smallest = _snap(problem, s.lo, s.hi)
-    r = problem.k - s.c_hi
-    width = s.c_lo - s.c_hi
-    solved = s.active & ((r == 1) | (r == width) | (largest == smallest))
-    answer = jnp.where(r == width, smallest, largest)
-    snapped = s._replace(lo=jnp.where(s.active, smallest, s.lo),
-                         hi=jnp.where(s.active, largest + 1, s.hi))
-    return _finish(snapped, solved, answer)._replace(
-        just_snapped=jnp.ones((), bool), step=s.step + 1)
-
-  def count_step(s):
-    pivots = _interpolated_pivots(problem, s)
-    s = _update_bracket(problem, s, pivots, _count_ge(problem, pivots))
-    return s._replace(step=s.step + 1)
-
   def body(s):
+    # Tie the leaves to the loop state: otherwise XLA hoists |g| (loop-invariant) out of the
+    # loop and stores it, a full-size copy of the gradients.
+    s, raw_leaves = jax.lax.optimization_barrier((s, list(outer_problem.raw_leaves)))
+    problem = outer_problem._replace(raw_leaves=raw_leaves)
+
+    def top_k_step(s):
+      r = problem.k - s.c_hi
+      answer = _top_below(problem, s.hi, r)
+      return _finish(s, s.active & (r <= _TOP_K), answer)._replace(step=s.step + 1)
+
+    def snap_step(s):
+      # The bracket's largest element is the answer when r == 1, its smallest when r == width,
+      # and either when they are equal; otherwise the bracket shrinks to [smallest, largest].
+      largest, smallest = _snap(problem, s.lo, s.hi)
+      r = problem.k - s.c_hi
+      width = s.c_lo - s.c_hi
+      solved = s.active & ((r == 1) | (r == width) | (largest == smallest))
+      answer = jnp.where(r == width, smallest, largest)
+      snapped = s._replace(lo=jnp.where(s.active, smallest, s.lo),
+                           hi=jnp.where(s.active, largest + 1, s.hi))
+      return _finish(snapped, solved, answer)._replace(
+          just_snapped=jnp.ones((), bool), step=s.step + 1)
+
+    def count_step(s):
+      pivots = _interpolated_pivots(problem, s)
+      s = _update_bracket(problem, s, pivots, _count_ge(problem, pivots))
+      return s._replace(step=s.step + 1)
+
     r = problem.k - s.c_hi
     width = s.c_lo - s.c_hi
     wants_snap = s.active & ~s.just_snapped & ((r == 1) | (r == width) | (width <= 4))
     snap_or_count = lambda s: jax.lax.cond(jnp.any(wants_snap), snap_step, count_step, s)
     if not problem.gather_ok:
       return snap_or_count(s)
-    # One per-leaf top_k finishes every group whose answer is among the _TOP_K largest
+    # The two-level top_k finishes every group whose answer is among the _TOP_K largest
     # elements below hi (and is a normal number, see _top_below).
     ready = ~s.active | ((r <= _TOP_K) & (s.lo >= bits.min_normal_key))
     return jax.lax.cond(jnp.all(ready), top_k_step, snap_or_count, s)
