@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from optclip.clipping import clip_threshold
-from optclip.geometry import tree_dot
+from optclip.geometry import map_directions, tree_dot
 
 __all__ = [
     "GaussNewtonSmoothness",
@@ -147,7 +147,7 @@ def hessian_diagonal(loss_fn: Callable, params, *, method: str = "exact",
           for kk, l in zip(ks, leaves)])
       return jax.tree.map(jnp.multiply, z, hessian_vector_product(loss_fn, params, z))
 
-    estimates = jax.lax.map(one, jax.random.split(key, samples), batch_size=batch_size)
+    estimates = map_directions(one, jax.random.split(key, samples), batch_size=batch_size)
     return jax.tree.map(lambda e: jnp.mean(e, axis=0), estimates)
   if method != "exact":
     raise ValueError(f"method must be 'exact' or 'hutchinson', got {method!r}")
@@ -162,7 +162,7 @@ def hessian_diagonal(loss_fn: Callable, params, *, method: str = "exact",
       hv = hessian_vector_product(loss_fn, params, jax.tree.unflatten(treedef, unit))
       return jnp.ravel(jax.tree.leaves(hv)[index])[j]
 
-    values = jax.lax.map(column, jnp.arange(size), batch_size=batch_size)
+    values = map_directions(column, jnp.arange(size), batch_size=batch_size)
     diagonals.append(values.reshape(jnp.shape(leaf)))
   return jax.tree.unflatten(treedef, diagonals)
 

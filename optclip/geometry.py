@@ -11,6 +11,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -66,6 +67,27 @@ def _is_batched(params, directions) -> bool:
     raise ValueError("directions must be shaped like params, or like params with one shared "
                      "leading axis of size K")
   return True
+
+
+try:  # raised when a batching rule would reshape an explicitly sharded axis
+  from jax._src.core import ShardingTypeError as _ShardingTypeError
+except ImportError:  # pragma: no cover - older or newer jax
+  _ShardingTypeError = TypeError
+
+
+def map_directions(fn, xs, *, batch_size: int | None = None):
+  """``fn`` over the leading axis of ``xs``: vmapped (``batch_size`` at a time if given).
+
+  Under an explicit-sharding mesh some batching rules (convolutions over a batch split along
+  ``data``) would merge the mapped axis into a sharded one, which JAX refuses; the map then
+  runs sequentially (`jax.lax.map` without batching), which gives the same values.
+  """
+  try:
+    if batch_size is None:
+      return jax.vmap(fn)(xs)
+    return jax.lax.map(fn, xs, batch_size=None if batch_size == 1 else batch_size)
+  except _ShardingTypeError:
+    return jax.lax.map(fn, xs)
 
 
 def _second_derivative(loss_fn: LossFn, params, direction, method: str) -> jax.Array:
@@ -135,12 +157,12 @@ def directional_sharpness(loss_fn: LossFn, params, directions, *,
     value = _second_derivative(loss_fn, point, direction, method)
     return value / tree_dot(direction, direction)
 
-  evaluate = jax.vmap(one) if batched else one
+  evaluate = functools.partial(map_directions, one) if batched else one
   sharpness = evaluate(directions)
   if robust_delta is None:
     return sharpness
   negative = sharpness < 0
-  evaluate_shifted = jax.vmap(shifted_one) if batched else shifted_one
+  evaluate_shifted = functools.partial(map_directions, shifted_one) if batched else shifted_one
   shifted_values = jax.lax.cond(jnp.any(negative), evaluate_shifted,
                                 lambda d: sharpness, directions)
   return RobustSharpness(jnp.where(negative, shifted_values, sharpness), negative)
@@ -234,7 +256,7 @@ def landscape(loss_fn: LossFn, params, directions, step_sizes, *,
   indices = jnp.arange(num_directions * num_steps)
   if batch_size is None:
     batch_size = 1 if jax.default_backend() == "cpu" else indices.shape[0]
-  losses = jax.lax.map(loss_at, indices, batch_size=batch_size)
+  losses = map_directions(loss_at, indices, batch_size=batch_size)
   losses = losses.reshape(num_directions, num_steps)
   return losses if batched else losses[0]
 

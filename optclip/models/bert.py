@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from optclip.models import layers
 from optclip.models.layers import activation, classification_cross_entropy, mask_bias
 
 
@@ -78,12 +79,12 @@ class BertClassifier(nn.Module):
     if token_type_ids is None:
       token_type_ids = jnp.zeros_like(input_ids)
     positions = jnp.arange(input_ids.shape[1])[None]
-    hidden = (nn.Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=init,
-                       name="word_embeddings")(input_ids)
-              + nn.Embed(cfg.max_position_embeddings, cfg.hidden_size, embedding_init=init,
-                         name="position_embeddings")(positions)
-              + nn.Embed(cfg.type_vocab_size, cfg.hidden_size, embedding_init=init,
-                         name="token_type_embeddings")(token_type_ids))
+    hidden = (layers.Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=init,
+                           name="word_embeddings")(input_ids)
+              + layers.Embed(cfg.max_position_embeddings, cfg.hidden_size, embedding_init=init,
+                             name="position_embeddings")(positions)
+              + layers.Embed(cfg.type_vocab_size, cfg.hidden_size, embedding_init=init,
+                             name="token_type_embeddings")(token_type_ids))
     hidden = nn.LayerNorm(cfg.layer_norm_eps, name="embeddings_norm")(hidden)
     bias = mask_bias(attention_mask.astype(bool))[:, None, None, :]
     for i in range(cfg.num_hidden_layers):

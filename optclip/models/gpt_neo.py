@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from optclip.models import layers
 from optclip.models.layers import activation, mask_bias, token_cross_entropy
 
 
@@ -102,8 +103,9 @@ class GPTNeo(nn.Module):
   def __call__(self, input_ids, attention_mask=None):
     cfg = self.config
     init = nn.initializers.normal(cfg.initializer_range)
-    wte = nn.Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=init, name="wte")
-    wpe = nn.Embed(cfg.max_position_embeddings, cfg.hidden_size, embedding_init=init, name="wpe")
+    wte = layers.Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=init, name="wte")
+    wpe = layers.Embed(cfg.max_position_embeddings, cfg.hidden_size, embedding_init=init,
+                       name="wpe")
     if attention_mask is None:
       attention_mask = jnp.ones_like(input_ids)
     padding_mask = attention_mask.astype(bool)

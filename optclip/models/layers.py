@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 IGNORE_INDEX = -100  # the label value PyTorch/transformers leave out of the loss
 
@@ -32,6 +34,37 @@ def activation(name: str):
   if name not in ACTIVATIONS:
     raise ValueError(f"unsupported activation {name!r}; known: {sorted(ACTIVATIONS)}")
   return ACTIVATIONS[name]
+
+
+def _explicit_spec(x):
+  """The PartitionSpec in x's type under an explicit-sharding mesh, else None."""
+  try:
+    spec = jax.typeof(x).sharding.spec
+  except AttributeError:
+    return None
+  return spec if any(axis is not None for axis in spec) else None
+
+
+def embedding_lookup(table, ids):
+  """``table[ids]``; under explicit sharding the rows follow the ids' batch split.
+
+  JAX cannot infer the output sharding of a gather from a replicated table with indices split
+  along ``data``, so it is stated: the ids' spec plus an unsplit feature axis.
+  """
+  spec = _explicit_spec(ids)
+  if spec is None:
+    return jnp.take(table, ids, axis=0)
+  return table.at[ids].get(out_sharding=PartitionSpec(*spec, None))
+
+
+class Embed(nn.Embed):
+  """`flax.linen.Embed` (same parameters) whose lookup works on data-sharded ids."""
+
+  def __call__(self, inputs):
+    if not jnp.issubdtype(inputs.dtype, jnp.integer):
+      raise ValueError("Input type must be an integer or unsigned integer.")
+    (embedding,) = nn.dtypes.promote_dtype(self.embedding, dtype=self.dtype, inexact=False)
+    return embedding_lookup(embedding, inputs)
 
 
 def token_cross_entropy(logits, labels):

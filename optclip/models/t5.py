@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from optclip.models import layers
 from optclip.models.layers import IGNORE_INDEX, activation, mask_bias, token_cross_entropy
 
 
@@ -185,7 +186,7 @@ class T5(nn.Module):
   @nn.compact
   def __call__(self, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask=None):
     cfg = self.config
-    shared = nn.Embed(cfg.vocab_size, cfg.d_model, name="shared",
+    shared = layers.Embed(cfg.vocab_size, cfg.d_model, name="shared",
                       embedding_init=nn.initializers.normal(cfg.initializer_factor))
     encoder_mask = attention_mask.astype(bool)
     encoded = Stack(cfg, cfg.num_layers, False, name="encoder")(
