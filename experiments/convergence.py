@@ -37,9 +37,10 @@ def optimizer(name: str, learning_rate):
 
 
 @functools.lru_cache(maxsize=None)
-def _step(model, name: str, relative: bool):
+def _step(model, name: str, relative: bool, mesh=None):
   from optclip.models import make_loss_fn
-  loss_fn = make_loss_fn(model)
+  from optclip.sharding import gathered_loss
+  loss_fn = make_loss_fn(model) if mesh is None else gathered_loss(make_loss_fn(model))
   tx = optimizer(name, None if relative else 1.0)
 
   @jax.jit
@@ -51,19 +52,23 @@ def _step(model, name: str, relative: bool):
   return tx, step
 
 
-def train_curve(task, name: str, learning_rate, seed: int, epochs: int) -> list:
-  tx, step = _step(task.model, name, learning_rate is None)
-  params = task.init_params(seed)
-  state = tx.init(params)
-  if learning_rate is not None:
-    state.hyperparams["learning_rate"] = jax.numpy.asarray(learning_rate, jax.numpy.float32)
-  curve = []
-  for epoch in common.progress(range(epochs), desc=f"{task.name} {name} lr={learning_rate}"):
-    losses = []
-    for batch in task.epoch_batches(seed, epoch):
-      params, state, loss = step(params, state, batch)
-      losses.append(loss)
-    curve.append(float(np.mean(jax.device_get(losses))))
+def train_curve(task, name: str, learning_rate, seed: int, epochs: int, mesh=None) -> list:
+  """Mean training loss per epoch; on ``mesh`` sharded as in `optclip.sharding.placement`."""
+  from optclip import sharding
+  context, place, place_batch = sharding.placement(mesh)
+  with context:
+    tx, step = _step(task.model, name, learning_rate is None, mesh)
+    params = place(task.init_params(seed))
+    state = place(tx.init(params))
+    if learning_rate is not None:
+      state.hyperparams["learning_rate"] = jax.numpy.asarray(learning_rate, jax.numpy.float32)
+    curve = []
+    for epoch in common.progress(range(epochs), desc=f"{task.name} {name} lr={learning_rate}"):
+      losses = []
+      for batch in task.epoch_batches(seed, epoch):
+        params, state, loss = step(params, state, place_batch(batch))
+        losses.append(loss)
+      curve.append(float(np.mean(jax.device_get(losses))))
   return curve
 
 
@@ -83,7 +88,8 @@ def run(ctx) -> None:
           if not ctx.metrics.has(key):
             ctx.metrics.log(NAME, key, task=task_name, algorithm=name, learning_rate=lr,
                             multiplier=m, seed=first,
-                            curve=train_curve(task, name, lr, first, preset.convergence_epochs))
+                            curve=train_curve(task, name, lr, first, preset.convergence_epochs,
+                                              ctx.mesh))
           curve = next(r for r in ctx.metrics.records if r["key"] == key)["curve"]
           finals[m] = curve[-1] if np.isfinite(curve[-1]) else np.inf
         best = min(finals, key=finals.get)
@@ -97,7 +103,8 @@ def run(ctx) -> None:
           task = ctx.task(task_name, seed)
           ctx.metrics.log(NAME, key, task=task_name, algorithm=name, learning_rate=lr,
                           multiplier=best, seed=seed,
-                          curve=train_curve(task, name, lr, seed, preset.convergence_epochs))
+                          curve=train_curve(task, name, lr, seed, preset.convergence_epochs,
+                                            ctx.mesh))
 
 
 def write(out: str, records) -> tuple[str, list]:

@@ -33,9 +33,10 @@ def per_example_gauss_newton_factors(model):
 
 
 @functools.lru_cache(maxsize=None)
-def _functions(model):
+def _functions(model, mesh=None):
   from optclip.models import make_loss_fn
-  loss_fn = make_loss_fn(model)
+  from optclip.sharding import gathered_loss
+  loss_fn = make_loss_fn(model) if mesh is None else gathered_loss(make_loss_fn(model))
   factors = per_example_gauss_newton_factors(model)
   tx = optax.inject_hyperparams(optclip.adam)(learning_rate=1.0)
 
@@ -54,25 +55,32 @@ def _functions(model):
 
 
 def run(ctx) -> None:
+  from optclip import sharding
+  context, place, place_batch = sharding.placement(ctx.mesh)
+  with context:
+    for seed in ctx.seeds:
+      if not ctx.metrics.has(f"smoothness/seed{seed}/done"):
+        _run_seed(ctx, seed, place, place_batch)
+
+
+def _run_seed(ctx, seed, place, place_batch) -> None:
   preset = ctx.preset
-  for seed in ctx.seeds:
-    if ctx.metrics.has(f"smoothness/seed{seed}/done"):
-      continue
-    task = ctx.task("classification", seed)
-    tx, step, measure = _functions(task.model)
-    params = task.init_params(seed)
-    state = tx.init(params)
-    state.hyperparams["learning_rate"] = jnp.asarray(preset.smoothness_learning_rate)
-    size = len(task.test_batch["label"])
-    for epoch in common.progress(range(preset.smoothness_epochs), desc=f"smoothness seed {seed}"):
-      result = jax.device_get(measure(params, task.test_batch))
-      ctx.metrics.log(NAME, f"smoothness/seed{seed}/epoch{epoch}", seed=seed, epoch=epoch,
-                      L=float(result.spectral_norm) / size,
-                      l=float(result.reduced_spectral_norm) / size,
-                      ratio=float(result.ratio), epsilon=float(result.fraction_removed))
-      for batch in task.epoch_batches(seed, epoch):
-        params, state, _ = step(params, state, batch)
-    ctx.metrics.log(NAME, f"smoothness/seed{seed}/done", seed=seed)
+  task = ctx.task("classification", seed)
+  tx, step, measure = _functions(task.model, ctx.mesh)
+  params = place(task.init_params(seed))
+  state = place(tx.init(params))
+  state.hyperparams["learning_rate"] = jnp.asarray(preset.smoothness_learning_rate)
+  size = len(task.test_batch["label"])
+  test_batch = place_batch(task.test_batch)
+  for epoch in common.progress(range(preset.smoothness_epochs), desc=f"smoothness seed {seed}"):
+    result = jax.device_get(measure(params, test_batch))
+    ctx.metrics.log(NAME, f"smoothness/seed{seed}/epoch{epoch}", seed=seed, epoch=epoch,
+                    L=float(result.spectral_norm) / size,
+                    l=float(result.reduced_spectral_norm) / size,
+                    ratio=float(result.ratio), epsilon=float(result.fraction_removed))
+    for batch in task.epoch_batches(seed, epoch):
+      params, state, _ = step(params, state, place_batch(batch))
+  ctx.metrics.log(NAME, f"smoothness/seed{seed}/done", seed=seed)
 
 
 def write(out: str, records) -> tuple[str, list]:

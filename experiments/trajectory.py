@@ -149,19 +149,15 @@ def run(task, trajectory: str, seed: int, preset, out: str, metrics: common.Metr
   With a ``mesh``, parameters and optimizer states are FSDP-sharded over its ``fsdp`` axis
   and batches split over ``data``; checkpoints restore onto whatever mesh is given.
   """
-  if mesh is not None:
-    with jax.set_mesh(mesh):
-      return _run(task, trajectory, seed, preset, out, metrics, kind, epochs, probe_epochs,
-                  learning_rate, mesh)
-  return _run(task, trajectory, seed, preset, out, metrics, kind, epochs, probe_epochs,
-              learning_rate, None)
+  from optclip import sharding
+  context, place, place_batch = sharding.placement(mesh)
+  with context:
+    _run(task, trajectory, seed, preset, out, metrics, kind, epochs, probe_epochs,
+         learning_rate, mesh, place, place_batch)
 
 
 def _run(task, trajectory, seed, preset, out, metrics, kind, epochs, probe_epochs,
-         learning_rate, mesh):
-  from optclip import sharding
-  place = (lambda tree: tree) if mesh is None else (lambda tree: sharding.shard_params(tree, mesh))
-  place_batch = (lambda b: b) if mesh is None else (lambda b: sharding.shard_batch(b, mesh))
+         learning_rate, mesh, place, place_batch):
   epochs = epochs or preset.epochs
   probe_epochs = tuple(probe_epochs or preset.probe_epochs)
   learning_rate = learning_rate or preset.trajectory_learning_rates[trajectory]

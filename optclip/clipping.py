@@ -145,6 +145,34 @@ def _exact_counts(indicator) -> jax.Array:
   return jnp.sum(indicator.astype(jnp.int32), axis=axes)
 
 
+class _Across(NamedTuple):
+  """How per-device partial results combine into global ones.
+
+  Unsharded: no axes, nothing to do. Inside the `shard_map` of `_sharded_threshold_keys`,
+  every leaf is this device's block: sums are masked to one copy of each block (``weights``:
+  1 on the first device along every mesh axis the leaf is replicated over, else 0) and then
+  summed over all mesh axes; maxima need no mask. Each pass of a search is one all-reduce of
+  a few scalars.
+  """
+  axes: tuple = ()
+  weights: tuple | None = None  # per leaf, None when unsharded
+  sizes: tuple | None = None  # global leaf sizes, None when unsharded
+
+  def weighted(self, values):
+    if self.weights is None:
+      return list(values)
+    return [v * w.astype(v.dtype) for v, w in zip(values, self.weights)]
+
+  def sum(self, x):
+    return jax.lax.psum(x, self.axes) if self.axes else x
+
+  def max(self, x):
+    return jax.lax.pmax(x, self.axes) if self.axes else x
+
+
+_UNSHARDED = _Across()
+
+
 class _Problem(NamedTuple):
   """One selection problem: leaves split into groups, each group with its own k."""
   raw_leaves: list  # the floating leaves as given; |g| is taken inside every pass (fused)
@@ -153,8 +181,9 @@ class _Problem(NamedTuple):
   k: jax.Array  # (G,) int32, 1 <= k <= n (k = 0 marks a group with no finite coordinate)
   n: jax.Array  # (G,) int32 finite coordinates per group
   bits: _Bits
-  gather_ok: bool  # False for explicitly sharded leaves: no reshape, top_k or sample gather
+  gather_ok: bool  # False for sharded leaves: no top_k or sample gather, only reductions
   finite_only: bool  # True when every entry is known to be finite
+  across: _Across = _UNSHARDED
 
   def magnitude(self, raw):
     """|g| in the key float dtype, non-finite entries zeroed."""
@@ -169,7 +198,18 @@ class _Problem(NamedTuple):
 
 
 def _group_combine(per_leaf: list, problem: _Problem, combine, fill):
-  """Combines per-leaf arrays of shape (P,) into per-group arrays of shape (G, P)."""
+  """Combines per-leaf arrays of shape (P,) into per-group arrays of shape (G, P).
+
+  ``combine`` is jnp.add or jnp.maximum; across devices (see `_Across`) the table is then
+  summed or maximised in one collective.
+  """
+  if combine is jnp.add:
+    per_leaf = problem.across.weighted(per_leaf)
+  table = _local_group_combine(per_leaf, problem, combine, fill)
+  return problem.across.sum(table) if combine is jnp.add else problem.across.max(table)
+
+
+def _local_group_combine(per_leaf: list, problem: _Problem, combine, fill):
   rows = [None] * problem.num_groups
   for value, group in zip(per_leaf, problem.group_of_leaf):
     rows[group] = value if rows[group] is None else combine(rows[group], value)
@@ -527,13 +567,21 @@ def _is_sharded(x) -> bool:
   return any(axis is not None for axis in spec)
 
 
-def _problem(float_leaves, fraction, per_leaf: bool, finite_only: bool) -> _Problem:
+def _gather_ok(float_leaves, across: _Across) -> bool:
+  """Whether the search may sample and top_k the leaves: not for a device's blocks."""
+  return not across.axes and not any(_is_sharded(l) for l in float_leaves)
+
+
+def _problem(float_leaves, fraction, per_leaf: bool, finite_only: bool,
+             across: _Across = _UNSHARDED) -> _Problem:
   bits = _bits_for([l.dtype for l in float_leaves])
   num_groups = len(float_leaves) if per_leaf else 1
   group_of_leaf = list(range(len(float_leaves))) if per_leaf else [0] * len(float_leaves)
-  sizes = [int(l.size) for l in float_leaves]
+  sizes = list(across.sizes) if across.sizes is not None else [int(l.size) for l in float_leaves]
   if max([sum(sizes)] + sizes) >= 2 ** 31 - 1:
     raise ValueError("clip_threshold: trees with 2^31 or more coordinates are not supported")
+  problem = _Problem(list(float_leaves), group_of_leaf, num_groups, None, None, bits,
+                     _gather_ok(float_leaves, across), finite_only, across)
   if finite_only:
     group_n = [0] * num_groups
     for size, group in zip(sizes, group_of_leaf):
@@ -542,18 +590,14 @@ def _problem(float_leaves, fraction, per_leaf: bool, finite_only: bool) -> _Prob
         jnp.zeros((0,), jnp.int32)
     n = jnp.asarray(group_n, jnp.int32)
   else:
-    finite_counts = [jnp.sum(jnp.isfinite(l), dtype=jnp.int32) for l in float_leaves]
-    group_n = [jnp.zeros((), jnp.int32) for _ in range(num_groups)]
-    for count, group in zip(finite_counts, group_of_leaf):
-      group_n[group] = group_n[group] + count
-    n = jnp.stack(group_n)
-    k = jnp.stack([_top_count(fraction, g, None) for g in group_n])
-  gather_ok = not any(_is_sharded(l) for l in float_leaves)
-  return _Problem(list(float_leaves), group_of_leaf, num_groups, k, n, bits, gather_ok,
-                  finite_only)
+    n = _group_combine([jnp.sum(jnp.isfinite(l), dtype=jnp.int32)[None] for l in float_leaves],
+                       problem, jnp.add, 0)[:, 0]
+    k = jnp.stack([_top_count(fraction, n[g], None) for g in range(num_groups)])
+  return problem._replace(k=k, n=n)
 
 
-def _compact_select(float_leaves, fraction, per_leaf: bool, bits: _Bits) -> jax.Array:
+def _compact_select(float_leaves, fraction, per_leaf: bool, bits: _Bits,
+                    across: _Across = _UNSHARDED) -> jax.Array:
   """Plain 16-ary search over the keys for small trees: exact, and cheap to compile.
 
   Finds, per group, the largest key v with count(v <= key < inf) >= k in 8 passes over
@@ -565,16 +609,17 @@ def _compact_select(float_leaves, fraction, per_leaf: bool, bits: _Bits) -> jax.
   group_of_leaf = list(range(len(keys))) if per_leaf else [0] * len(keys)
   inf_key = jnp.asarray(bits.inf_key, bits.key_dtype)
 
-  def group_sums(per_leaf_values):
-    sums = [jnp.zeros((), jnp.int32) for _ in range(num_groups)]
-    for value, group in zip(per_leaf_values, group_of_leaf):
+  def group_sums(per_leaf_values):  # one all-reduce across devices per call
+    sums = [jnp.zeros(jnp.shape(per_leaf_values[0]), jnp.int32) for _ in range(num_groups)]
+    for value, group in zip(across.weighted(per_leaf_values), group_of_leaf):
       sums[group] = sums[group] + value
-    return jnp.stack(sums)
+    return across.sum(jnp.stack(sums))
 
   n_finite = group_sums([jnp.sum(k < inf_key, dtype=jnp.int32) for k in keys])
   static_n = [0] * num_groups
-  for leaf, group in zip(float_leaves, group_of_leaf):
-    static_n[group] += int(leaf.size)
+  sizes = across.sizes if across.sizes is not None else [int(l.size) for l in float_leaves]
+  for size, group in zip(sizes, group_of_leaf):
+    static_n[group] += size
   all_finite = n_finite == jnp.asarray(static_n, jnp.int32)
   k_static = jnp.stack([_top_count(fraction, n, n) for n in static_n])
   k_counted = jnp.stack([_top_count(fraction, n_finite[g], None) for g in range(num_groups)])
@@ -612,18 +657,62 @@ def _compact_select(float_leaves, fraction, per_leaf: bool, bits: _Bits) -> jax.
 _COMPACT_MAX_SIZE = 1 << 20
 
 
-def _threshold_keys(float_leaves, fraction, per_leaf: bool):
+def _threshold_keys(float_leaves, fraction, per_leaf: bool, across: _Across = _UNSHARDED):
   """Per-group thresholds as values of the key float dtype."""
+  if not across.axes and any(_is_sharded(l) for l in float_leaves):
+    return _sharded_threshold_keys(float_leaves, fraction, per_leaf)
   bits = _bits_for([l.dtype for l in float_leaves])
-  if bits.float_dtype == jnp.float32 and sum(int(l.size) for l in float_leaves) <= _COMPACT_MAX_SIZE:
-    return _compact_select(float_leaves, fraction, per_leaf, bits)
+  total = sum(across.sizes) if across.sizes is not None else \
+      sum(int(l.size) for l in float_leaves)
+  if bits.float_dtype == jnp.float32 and total <= _COMPACT_MAX_SIZE:
+    return _compact_select(float_leaves, fraction, per_leaf, bits, across)
   # sum(g * 0) is 0 exactly when every entry is finite: a cheap vectorised check that picks
   # the fast path (static n) over the path that counts and masks non-finite entries.
-  all_finite = jnp.isfinite(sum(jnp.sum(l.astype(bits.float_dtype) * 0) for l in float_leaves))
-  fast = lambda: _select(_problem(float_leaves, fraction, per_leaf, True))
-  slow = lambda: _select(_problem(float_leaves, fraction, per_leaf, False))
+  all_finite = jnp.isfinite(across.sum(
+      sum(jnp.sum(l.astype(bits.float_dtype) * 0) for l in float_leaves)))
+  fast = lambda: _select(_problem(float_leaves, fraction, per_leaf, True, across))
+  slow = lambda: _select(_problem(float_leaves, fraction, per_leaf, False, across))
   keys = jax.lax.cond(all_finite, fast, slow)
   return _key_to_value(keys, bits)
+
+
+def _sharded_threshold_keys(float_leaves, fraction, per_leaf: bool):
+  """`_threshold_keys` for explicitly sharded leaves, in a `shard_map` over their mesh.
+
+  Every device searches on its own blocks; each pass combines the per-leaf partial counts
+  (or extremes) locally and then all-reduces one small (groups, pivots) table, so the
+  communication per pass is a few scalars whatever the model size.
+  """
+  sharding = next(jax.typeof(l).sharding for l in float_leaves if _is_sharded(l))
+  mesh = sharding.mesh
+  axes = tuple(mesh.axis_names)
+  specs = tuple(jax.typeof(l).sharding.spec if _is_sharded(l) else
+                jax.sharding.PartitionSpec() for l in float_leaves)
+  sizes = tuple(int(l.size) for l in float_leaves)
+  fraction_is_array = isinstance(fraction, (jax.Array, jax.core.Tracer))
+
+  def used_axes(spec):
+    names = set()
+    for entry in spec:
+      names.update(entry if isinstance(entry, tuple) else (entry,))
+    return names
+
+  def local(fraction_value, *blocks):
+    weights = []
+    for spec in specs:
+      first = jnp.ones((), jnp.int32)
+      for axis in axes:
+        if axis not in used_axes(spec):  # replicated along axis: count one copy only
+          first = first * (jax.lax.axis_index(axis) == 0).astype(jnp.int32)
+      weights.append(first)
+    across = _Across(axes, tuple(weights), sizes)
+    value = fraction_value if fraction_is_array else fraction
+    return _threshold_keys(list(blocks), value, per_leaf, across)
+
+  fraction_arg = jnp.asarray(fraction) if fraction_is_array else jnp.zeros(())
+  return jax.shard_map(local, mesh=mesh, in_specs=(jax.sharding.PartitionSpec(),) + specs,
+                       out_specs=jax.sharding.PartitionSpec(), check_vma=False)(
+                           fraction_arg, *float_leaves)
 
 
 def _output_dtype(float_leaves):

@@ -11,6 +11,8 @@ scalar all-reduces between devices.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -20,10 +22,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 __all__ = [
     "batch_spec",
     "fsdp_spec",
+    "gathered_loss",
     "logical_to_spec",
     "mesh_from_spec",
     "parse_mesh_spec",
     "place_by_rules",
+    "placement",
     "shard_batch",
     "shard_params",
 ]
@@ -86,12 +90,31 @@ def batch_spec(ndim: int, axis: str = "data") -> PartitionSpec:
 
 
 def shard_batch(batch: Any, mesh: Mesh, axis: str = "data") -> Any:
-  """Splits the leading (batch) axis of every leaf over ``axis``."""
-  if axis not in mesh.shape:
-    return jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, PartitionSpec())),
-                        batch)
-  return jax.tree.map(
-      lambda x: jax.device_put(x, NamedSharding(mesh, batch_spec(np.ndim(x), axis))), batch)
+  """Splits the leading (batch) axis of every leaf over ``axis``.
+
+  Leaves whose leading axis does not divide evenly (a batch of 25 on data=2, scalars) are
+  replicated instead.
+  """
+  size = mesh.shape.get(axis, 1)
+
+  def place(x):
+    split = size > 1 and np.ndim(x) > 0 and np.shape(x)[0] % size == 0
+    spec = batch_spec(np.ndim(x), axis) if split else PartitionSpec()
+    return jax.device_put(x, NamedSharding(mesh, spec))
+
+  return jax.tree.map(place, batch)
+
+
+def placement(mesh: Mesh | None):
+  """``(context, place_params, place_batch)`` for running on ``mesh``.
+
+  The context sets the mesh (`jax.set_mesh`); parameters and optimizer states go FSDP-style
+  over ``fsdp`` and batches over ``data``. With ``mesh=None`` all three do nothing.
+  """
+  if mesh is None:
+    return contextlib.nullcontext(), (lambda tree: tree), (lambda batch: batch)
+  return (jax.set_mesh(mesh), functools.partial(shard_params, mesh=mesh),
+          functools.partial(shard_batch, mesh=mesh))
 
 
 def logical_to_spec(logical_axes: Sequence[str | None],
