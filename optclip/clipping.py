@@ -285,8 +285,12 @@ def _snap(problem: _Problem, lo, hi):
     per_leaf = []
     for raw, group in zip(problem.raw_leaves, problem.group_of_leaf):
       keys = _keys(problem, raw)
+      # Non-finite entries read as zero keys; they must not pose as the smallest element.
+      at_least_lo = keys >= lo[group]
+      if not problem.finite_only:
+        at_least_lo = at_least_lo & jnp.isfinite(raw)
       rows = jnp.stack([jnp.where(keys < hi[group], keys, 0),
-                        -jnp.where(keys >= lo[group], keys, inf_key)])
+                        -jnp.where(at_least_lo, keys, inf_key)])
       per_leaf.append(jnp.max(rows, axis=tuple(range(1, rows.ndim)), initial=-inf_key))
     return combine(per_leaf)
 

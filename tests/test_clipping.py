@@ -264,6 +264,10 @@ def test_gather_free_path_matches_numpy(monkeypatch):
   trees.append([jnp.asarray(rng.standard_t(2, size=(200, 300)).astype(np.float32))])
   tiny = np.float32(1e-40)
   trees.append([jnp.asarray(np.array([tiny, 3 * tiny, 2 * tiny, 0, 0, 1.0], np.float32))])
+  # Non-finite entries must not pose as zeros when the answer is the smallest finite |g|.
+  with_nan = rng.standard_t(2, size=(40, 30)).astype(np.float32)
+  with_nan[0, :3] = [np.nan, np.inf, -np.inf]
+  trees.append([jnp.asarray(with_nan), jnp.asarray(rng.standard_normal(50), jnp.float32)])
   for tree in trees:
     for fraction in (0.01, 0.5, 0.6, 1.0):
       np.testing.assert_array_equal(np.float64(threshold(tree, fraction)),

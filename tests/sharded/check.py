@@ -5,6 +5,7 @@ Prints "OK <mesh>" per mesh; any mismatch raises.
 """
 
 import sys
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -76,7 +77,70 @@ def check(spec):
     got, _ = optclip.pseudo_updates(probes, [s_grads, s_grads], [s_params, s_params])
     for w, g in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
       np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-6, atol=1e-9)
+    check_search_path(grads, s_grads)
+    check_convolution_and_embedding(mesh)
+    check_checkpoint_onto_another_mesh(s_params, params, spec)
   print("OK", spec, flush=True)
+
+
+def check_search_path(grads, s_grads):
+  """The large-tree search (forced here) is bit-exact sharded too: per_leaf, NaN/Inf."""
+  from optclip import clipping
+  saved = clipping._COMPACT_MAX_SIZE
+  clipping._COMPACT_MAX_SIZE = 0
+  try:
+    bad = dict(grads, w1=grads["w1"].at[0, :3].set(jnp.asarray([jnp.nan, jnp.inf, -jnp.inf])))
+    s_bad = dict(s_grads, w1=jax.device_put(bad["w1"], s_grads["w1"].sharding))
+    for tree, s_tree in ((grads, s_grads), (bad, s_bad)):
+      for fraction in (0.01, 0.5, 1.0):
+        threshold = jax.jit(lambda t, f=fraction: (
+            optclip.clip_threshold(t, f), optclip.clip_threshold(t, f, per_leaf=True)))
+        want, got = jax.tree.leaves(threshold(tree)), jax.tree.leaves(threshold(s_tree))
+        for w, g in zip(want, got):
+          np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+  finally:
+    clipping._COMPACT_MAX_SIZE = saved
+
+
+def check_convolution_and_embedding(mesh):
+  """K directions through a convolution over a data-split batch (vmap would reshape the split
+  axis) and an embedding lookup with data-split ids give the unsharded sharpness."""
+  from optclip.models.layers import embedding_lookup
+  rng = np.random.default_rng(2)
+  params = {"table": jnp.asarray(rng.standard_normal((20, 6)), jnp.float32),
+            "kernel": jnp.asarray(rng.standard_normal((3, 3, 6, 4)) * 0.3, jnp.float32)}
+  ids = jnp.asarray(rng.integers(0, 20, (8, 5, 5)))
+
+  def loss_fn(p, ids):
+    x = embedding_lookup(p["table"], ids)  # (8, 5, 5, 6) NHWC
+    y = jax.lax.conv_general_dilated(x, p["kernel"], (1, 1), "SAME",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return jnp.mean(jnp.tanh(y) ** 2)
+
+  directions = jax.tree.map(lambda x: jnp.stack([x, x ** 2, -x]), params)
+  want = optclip.directional_sharpness(lambda p: loss_fn(p, ids), params, directions)
+  s_ids = sharding.shard_batch(ids, mesh)
+  s_params = sharding.shard_params(params, mesh, min_size=0)
+  s_directions = sharding.shard_params(directions, mesh, min_size=0)
+  s_loss = sharding.gathered_loss(loss_fn)
+  got = jax.jit(lambda p, d: optclip.directional_sharpness(lambda q: s_loss(q, s_ids), p, d))(
+      s_params, s_directions)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5)
+
+
+def check_checkpoint_onto_another_mesh(s_params, params, spec):
+  """Saved on this mesh, restored onto another shape (orbax reshards on restore)."""
+  from experiments import common
+  other = sharding.mesh_from_spec("data=1,fsdp=8" if spec != "data=1,fsdp=8" else
+                                  "data=4,fsdp=2")
+  with tempfile.TemporaryDirectory() as out:
+    common.save_checkpoint(out, "unit", 1, s_params)
+    with jax.set_mesh(other):
+      like = sharding.shard_params(params, other, min_size=256)
+      restored = common.restore_checkpoint(out, "unit", 1, like)
+  for name in params:
+    np.testing.assert_array_equal(np.asarray(restored[name]), np.asarray(params[name]))
+    assert restored[name].sharding == like[name].sharding, name
 
 
 if __name__ == "__main__":
