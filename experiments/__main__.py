@@ -35,6 +35,10 @@ def _parser():
     p.add_argument("--data-dir", default=None,
                    help="folder with the paper's data sets saved by `datasets` (paper preset)")
     p.add_argument("--cache-dir", default=None, help="tokenizer cache (default <out>/cache)")
+    p.add_argument("--checkpoint", action="append", default=[], metavar="TASK=FOLDER",
+                   help="start a task from a local Hugging Face checkpoint folder, with its "
+                        "tokenizer (translation=<t5 folder>, code=<gpt-neo folder>, "
+                        "classification=<bert folder>); repeatable")
     p.add_argument("--mesh", default=None,
                    help="device mesh such as data=2,fsdp=4 (parameters FSDP-sharded, batches "
                         "along data)")
@@ -59,6 +63,22 @@ def main(argv=None) -> int:
     return 2
 
 
+def _checkpoints(values) -> dict:
+  """["translation=/ckpt/t5", ...] -> {"translation": "/ckpt/t5"}, checked before any work."""
+  from experiments import common, tasks
+  checkpoints = {}
+  for value in values:
+    name, _, folder = value.partition("=")
+    if name not in tasks.CHECKPOINT_FAMILIES or not folder:
+      raise common.UsageError(f"--checkpoint {value!r}: expected TASK=FOLDER with TASK one of "
+                              f"{sorted(tasks.CHECKPOINT_FAMILIES)}")
+    if not os.path.isdir(folder):
+      raise common.UsageError(f"--checkpoint {value!r}: {folder} is not a folder (optclip "
+                              "never downloads checkpoints)")
+    checkpoints[name] = os.path.abspath(folder)
+  return checkpoints
+
+
 def _run(args) -> int:
   from experiments import common, presets
   if args.preset not in presets.PRESETS:
@@ -80,6 +100,7 @@ def _run(args) -> int:
       mesh = sharding.mesh_from_spec(args.mesh)
     except ValueError as error:
       raise common.UsageError(f"--mesh: {error}") from error
+  checkpoints = _checkpoints(args.checkpoint)
   common.prepare_run_folder(out, args.resume)
   previous = common.read_config(out)
   if args.resume and previous and previous.get("preset") != preset.name:
@@ -90,10 +111,11 @@ def _run(args) -> int:
   names = REPRODUCE_ORDER if args.command == "reproduce" else (args.command,)
   common.write_config(out, {"command": args.command, "preset": preset.name,
                             "seeds": list(seeds), "mesh": args.mesh,
+                            "checkpoints": checkpoints,
                             "preset_values": dataclasses.asdict(preset),
                             "environment": common.environment()})
   ctx = context.Context(preset, seeds, out, common.Metrics(out), args.data_dir,
-                        args.cache_dir or os.path.join(out, "cache"), mesh)
+                        args.cache_dir or os.path.join(out, "cache"), mesh, checkpoints)
   start = time.time()
   for name in names:
     began = time.time()

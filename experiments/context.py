@@ -17,8 +17,10 @@ class Context:
   data_dir: str | None = None
   cache_dir: str | None = None
   mesh: Any = None
+  checkpoints: dict = dataclasses.field(default_factory=dict)  # task name -> HF folder
 
   def task(self, name: str, seed: int):
-    task = tasks.build(name, self.preset, seed, self.data_dir, self.cache_dir)
+    task = tasks.build(name, self.preset, seed, self.data_dir, self.cache_dir,
+                       self.checkpoints)
     common.write_config(self.out, {"data": {name: task.info}})
     return task

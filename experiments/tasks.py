@@ -30,6 +30,7 @@ class Task:
   test_batch: dict           # the fixed test batch the probes use
   batch_size: int
   info: dict                 # source, sizes, hashes: recorded in config.json
+  pretrained: Any = None     # params of a --checkpoint folder: every seed starts there
 
   @property
   def batches_per_epoch(self) -> int:
@@ -43,6 +44,8 @@ class Task:
       yield {k: v[index] for k, v in self.train.items()}
 
   def init_params(self, seed: int):
+    if self.pretrained is not None:
+      return self.pretrained
     return models.init_params(self.model, jax.random.PRNGKey(seed))
 
 
@@ -68,82 +71,125 @@ def _model(preset: TaskPreset, **overrides):
   return models.create(base, **{k: v for k, v in overrides.items() if k in fields})
 
 
-def translation_task(preset: TaskPreset, seed: int, data_dir=None, cache_dir=None) -> Task:
+# The model family each task trains (a --checkpoint folder must hold one of these).
+CHECKPOINT_FAMILIES = {"translation": "t5", "code": "gpt_neo", "classification": "bert"}
+
+
+def _tokenizer_and_model(name, preset, texts, checkpoint, cache_dir, **overrides):
+  """The trained tokenizer and a fresh preset model, or both from a checkpoint folder.
+
+  Returns (tokenizer, special ids, model, pretrained params or None, tokenizer info).
+  """
+  if checkpoint is None:
+    tokenizer = tokenization.train_tokenizer(texts, preset.vocab_size, cache_dir=cache_dir)
+    model = _model(preset, vocab_size=tokenizer.get_vocab_size(), **overrides)
+    return (tokenizer, tokenization.DEFAULT_SPECIAL_IDS, model, None,
+            {"tokenizer": "byte-level BPE (local)", "vocab_size": tokenizer.get_vocab_size()})
+  from optclip.models import convert
+  try:
+    tokenizer, special = tokenization.load_checkpoint_tokenizer(checkpoint)
+    model, params = convert.load_pretrained(checkpoint)
+  except (FileNotFoundError, convert.CheckpointError) as error:
+    raise UsageError(f"--checkpoint {name}={checkpoint}: {error}") from error
+  family = model.config.model_type
+  if family != CHECKPOINT_FAMILIES[name]:
+    raise UsageError(f"--checkpoint {name}={checkpoint}: the {name} task trains a "
+                     f"{CHECKPOINT_FAMILIES[name]} model, the folder holds {family}")
+  if tokenizer.get_vocab_size() > model.config.vocab_size:
+    raise UsageError(f"--checkpoint {name}={checkpoint}: the tokenizer has "
+                     f"{tokenizer.get_vocab_size()} tokens, the model only "
+                     f"{model.config.vocab_size} embeddings")
+  return (tokenizer, special, model, params,
+          {"tokenizer": f"from {checkpoint}", "checkpoint": checkpoint,
+           "vocab_size": model.config.vocab_size})
+
+
+def translation_task(preset: TaskPreset, seed: int, data_dir=None, cache_dir=None,
+                     checkpoint=None) -> Task:
   if preset.source == "paper":
     pairs, info = _load(translation.opus_books, data_dir)
   else:
     pairs, info = _load(translation.gettext_pairs)
   train, test = _split(len(pairs), preset, seed)
-  tokenizer = tokenization.train_tokenizer(
-      [t for i in train for t in pairs[i]], preset.vocab_size, cache_dir=cache_dir)
+  tokenizer, special, model, pretrained, tokenizer_info = _tokenizer_and_model(
+      "translation", preset, [t for i in train for t in pairs[i]], checkpoint, cache_dir)
   chosen = [pairs[i] for i in np.concatenate([train, test])]
-  english = tokenization.encode(tokenizer, [p[0] for p in chosen], max_length=preset.max_length)
-  french = tokenization.encode(tokenizer, [p[1] for p in chosen], max_length=preset.max_length)
+  encode = lambda texts: tokenization.encode(tokenizer, texts, max_length=preset.max_length,
+                                             eos_id=special.eos)
+  english, french = encode([p[0] for p in chosen]), encode([p[1] for p in chosen])
   source_length = batching.bucket_length(map(len, english), _buckets(preset.max_length))
   target_length = batching.bucket_length(map(len, french), _buckets(preset.max_length))
-  data = batching.translation_batch(english, french, source_length, target_length)
+  data = batching.translation_batch(english, french, source_length, target_length, special.pad)
   n = len(train)
-  model = _model(preset, vocab_size=tokenizer.get_vocab_size())
   info = {**info, "train_examples": n, "test_examples": len(test),
-          "source_length": source_length, "target_length": target_length,
-          "vocab_size": tokenizer.get_vocab_size(), "tokenizer": "byte-level BPE (local)"}
+          "source_length": source_length, "target_length": target_length, **tokenizer_info}
   return Task("translation", model, models.make_loss_fn(model),
               {k: v[:n] for k, v in data.items()}, {k: v[n:] for k, v in data.items()},
-              preset.batch_size, info)
+              preset.batch_size, info, pretrained)
 
 
 def _buckets(max_length: int):
   return tuple(b for b in (8, 16, 32, 64, 128, 256, 512) if b < max_length) + (max_length,)
 
 
-def code_task(preset: TaskPreset, seed: int, data_dir=None, cache_dir=None) -> Task:
+def code_task(preset: TaskPreset, seed: int, data_dir=None, cache_dir=None,
+              checkpoint=None) -> Task:
   if preset.source == "paper":
     texts, info = _load(code.the_stack_smol, data_dir)
   else:
     texts, info = _load(code.stdlib_sources, max_chars=4000)
   # The tokenizer is trained on every other document (a fixed half), then all documents are
   # cut into blocks from which the fixed train/test subsets are drawn.
-  tokenizer = tokenization.train_tokenizer(texts[::2], preset.vocab_size, cache_dir=cache_dir)
-  blocks = batching.lm_blocks(tokenization.encode(tokenizer, texts, max_length=10 ** 9),
-                              preset.max_length)
+  tokenizer, special, model, pretrained, tokenizer_info = _tokenizer_and_model(
+      "code", preset, texts[::2], checkpoint, cache_dir,
+      max_position_embeddings=max(preset.max_length,
+                                  models.PRESETS[preset.model].max_position_embeddings))
+  if model.config.max_position_embeddings < preset.max_length:
+    raise UsageError(f"--checkpoint code={checkpoint}: {model.config.max_position_embeddings} "
+                     f"positions, the preset's blocks have {preset.max_length} tokens")
+  blocks = batching.lm_blocks(tokenization.encode(tokenizer, texts, max_length=10 ** 9,
+                                                  eos_id=special.eos), preset.max_length)
   train, test = _split(len(blocks), preset, seed)
   chosen = blocks[np.concatenate([train, test])]
   masks = batching.fixed_masks(chosen.shape, MASK_PROBABILITY, seed)
-  data = batching.masked_lm_batch(chosen, masks)
+  data = batching.masked_lm_batch(chosen, masks, special.mask)
   n = len(train)
-  model = _model(preset, vocab_size=tokenizer.get_vocab_size(),
-                 max_position_embeddings=max(preset.max_length,
-                                             models.PRESETS[preset.model].max_position_embeddings))
   info = {**info, "train_blocks": n, "test_blocks": len(test), "block_length": preset.max_length,
-          "mask_probability": MASK_PROBABILITY, "vocab_size": tokenizer.get_vocab_size(),
-          "tokenizer": "byte-level BPE (local)"}
+          "mask_probability": MASK_PROBABILITY, **tokenizer_info}
   return Task("code", model, models.make_loss_fn(model), {k: v[:n] for k, v in data.items()},
-              {k: v[n:] for k, v in data.items()}, preset.batch_size, info)
+              {k: v[n:] for k, v in data.items()}, preset.batch_size, info, pretrained)
 
 
-def classification_task(preset: TaskPreset, seed: int, data_dir=None, cache_dir=None) -> Task:
+def classification_task(preset: TaskPreset, seed: int, data_dir=None, cache_dir=None,
+                        checkpoint=None) -> Task:
   if preset.source == "paper":
     texts, labels, info = _load(classification.imdb, data_dir)
   else:
     pairs, _ = _load(translation.gettext_pairs)
     texts, labels, info = classification.language_identification(pairs, seed=0)
   train, test = _split(len(texts), preset, seed)
-  tokenizer = tokenization.train_tokenizer([texts[i] for i in train], preset.vocab_size,
-                                           cache_dir=cache_dir)
+  tokenizer, special, model, pretrained, tokenizer_info = _tokenizer_and_model(
+      "classification", preset, [texts[i] for i in train], checkpoint, cache_dir, num_labels=2)
+  if model.config.num_labels != 2:
+    raise UsageError(f"--checkpoint classification={checkpoint}: a binary classifier is "
+                     f"needed, the folder's has {model.config.num_labels} labels")
   index = np.concatenate([train, test])
-  ids = tokenization.encode(tokenizer, [texts[i] for i in index], max_length=preset.max_length)
-  input_ids, mask = batching.pad_batch(ids, preset.max_length)
+  ids = tokenization.encode(tokenizer, [texts[i] for i in index], max_length=preset.max_length,
+                            eos_id=special.eos)
+  input_ids, mask = batching.pad_batch(ids, preset.max_length, special.pad)
   data = {"input_ids": input_ids, "attention_mask": mask, "label": labels[index]}
   n = len(train)
-  model = _model(preset, vocab_size=tokenizer.get_vocab_size(), num_labels=2)
-  info = {**info, "train_examples": n, "test_examples": len(test),
-          "vocab_size": tokenizer.get_vocab_size()}
+  info = {**info, "train_examples": n, "test_examples": len(test), **tokenizer_info}
   return Task("classification", model, models.make_loss_fn(model),
               {k: v[:n] for k, v in data.items()}, {k: v[n:] for k, v in data.items()},
-              preset.batch_size, info)
+              preset.batch_size, info, pretrained)
 
 
-def images_task(preset: TaskPreset, seed: int, data_dir=None, cache_dir=None) -> Task:
+def images_task(preset: TaskPreset, seed: int, data_dir=None, cache_dir=None,
+                checkpoint=None) -> Task:
+  if checkpoint is not None:
+    raise UsageError("--checkpoint: the images task trains a ResNet from scratch (Table 9); "
+                     "checkpoints are read for translation, code and classification")
   if preset.source == "paper":
     pixels, labels, info = _load(images.cifar10, data_dir)
   else:
@@ -165,5 +211,6 @@ BUILDERS = {"translation": translation_task, "code": code_task,
             "classification": classification_task, "images": images_task}
 
 
-def build(name: str, preset, seed: int, data_dir=None, cache_dir=None) -> Task:
-  return BUILDERS[name](getattr(preset, name), seed, data_dir, cache_dir)
+def build(name: str, preset, seed: int, data_dir=None, cache_dir=None, checkpoints=None) -> Task:
+  checkpoint = (checkpoints or {}).get(name)
+  return BUILDERS[name](getattr(preset, name), seed, data_dir, cache_dir, checkpoint)

@@ -93,3 +93,40 @@ def test_prefetch_keeps_order_and_raises_producer_errors():
 
   with pytest.raises(RuntimeError, match="disk gone"):
     list(batching.prefetch(broken()))
+
+
+def test_checkpoint_tokenizer_files(tmp_path):
+  """tokenizer.json with a special-tokens map, GPT-style vocab.json + merges.txt, and the
+  refusals (SentencePiece only, nothing), read without transformers."""
+  import json
+  from tokenizers import ByteLevelBPETokenizer
+  texts = ["def f(x):\n    return x + 1\n", "class A:\n    pass\n"] * 20
+  trained = tokenization.train_tokenizer(texts, 300)
+  fast = tmp_path / "fast"
+  fast.mkdir()
+  trained.save(str(fast / "tokenizer.json"))
+  (fast / "special_tokens_map.json").write_text(json.dumps(
+      {"eos_token": {"content": "</s>"}, "pad_token": "<pad>", "mask_token": "<mask>"}))
+  tokenizer, special = tokenization.load_checkpoint_tokenizer(str(fast))
+  assert special == (trained.token_to_id("<pad>"), trained.token_to_id("</s>"),
+                     trained.token_to_id("<mask>"))
+  ids = tokenization.encode(tokenizer, ["return x"], max_length=16, eos_id=special.eos)[0]
+  assert ids[-1] == special.eos and tokenizer.decode(ids[:-1]) == "return x"
+
+  gpt = tmp_path / "gpt"
+  gpt.mkdir()
+  bpe = ByteLevelBPETokenizer()
+  bpe.train_from_iterator(texts, vocab_size=300, special_tokens=["<|endoftext|>"])
+  bpe.save_model(str(gpt))
+  tokenizer, special = tokenization.load_checkpoint_tokenizer(str(gpt))
+  end = bpe.token_to_id("<|endoftext|>")
+  # No pad or mask token in GPT vocabularies: both fall back to end-of-text.
+  assert special == (end, end, end)
+  assert tokenizer.encode("return x").ids == bpe.encode("return x").ids
+
+  (tmp_path / "t5").mkdir()
+  (tmp_path / "t5" / "spiece.model").write_bytes(b"\0")
+  with pytest.raises(FileNotFoundError, match="save_pretrained"):
+    tokenization.load_checkpoint_tokenizer(str(tmp_path / "t5"))
+  with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+    tokenization.load_checkpoint_tokenizer(str(tmp_path))

@@ -92,3 +92,33 @@ def test_smoke_reproduce_is_complete_and_resume_matches_an_uninterrupted_run(tmp
   assert set(resumed) == set(reference)
   for key in reference:
     assert resumed[key] == reference[key], key
+
+
+def test_translation_task_starts_from_a_checkpoint_folder_with_its_tokenizer(tmp_path):
+  """--checkpoint translation=FOLDER: the folder's tokenizer encodes the data and its weights
+  are every seed's starting point; a folder of the wrong family is refused by name."""
+  import chex
+  import jax
+  import numpy as np
+  import optclip.models as models
+  from optclip.data import tokenization, translation
+  from optclip.models import convert
+  from experiments import presets, tasks
+  from experiments.common import UsageError
+  preset = presets.PRESETS["smoke"]
+  pairs, _ = translation.gettext_pairs()
+  tokenizer = tokenization.train_tokenizer([t for p in pairs[:400] for t in p], 300)
+  folder = tmp_path / "t5"
+  model = models.create(models.PRESETS[preset.translation.model], vocab_size=320)
+  params = models.init_params(model, jax.random.PRNGKey(3))
+  convert.save_pretrained(str(folder), model, params)
+  tokenizer.save(str(folder / "tokenizer.json"))
+  task = tasks.build("translation", preset, 0, checkpoints={"translation": str(folder)})
+  assert task.info["checkpoint"] == str(folder) and task.info["vocab_size"] == 320
+  chex.assert_trees_all_equal(task.init_params(1), params)
+  # The folder's 300-token vocabulary encoded the data (the preset would train 128 tokens).
+  assert task.info["tokenizer"] == f"from {folder}"
+  assert preset.translation.vocab_size < task.train["input_ids"].max() < 300
+  assert np.isfinite(float(task.loss_fn(task.init_params(0), task.test_batch)))
+  with pytest.raises(UsageError, match="gpt_neo model, the folder holds t5"):
+    tasks.build("code", preset, 0, checkpoints={"code": str(folder)})

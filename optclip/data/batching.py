@@ -34,8 +34,9 @@ def pad_batch(sequences: Sequence[Sequence[int]], length: int, pad_value: int = 
   return out, mask
 
 
-def translation_batch(sources, targets, source_length: int, target_length: int):
-  input_ids, attention_mask = pad_batch(sources, source_length)
+def translation_batch(sources, targets, source_length: int, target_length: int,
+                      pad_id: int = PAD_ID):
+  input_ids, attention_mask = pad_batch(sources, source_length, pad_id)
   labels, _ = pad_batch(targets, target_length, IGNORE_INDEX)
   return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
@@ -53,9 +54,9 @@ def fixed_masks(shape, probability: float, seed: int) -> np.ndarray:
   return np.random.default_rng([seed, 15]).random(shape) < probability
 
 
-def masked_lm_batch(blocks: np.ndarray, masks: np.ndarray):
+def masked_lm_batch(blocks: np.ndarray, masks: np.ndarray, mask_id: int = MASK_ID):
   """Inputs with masked positions replaced by <mask>; labels are the original tokens."""
-  return {"input_ids": np.where(masks, MASK_ID, blocks).astype(np.int32),
+  return {"input_ids": np.where(masks, mask_id, blocks).astype(np.int32),
           "attention_mask": np.ones_like(blocks), "labels": blocks.astype(np.int32)}
 
 
