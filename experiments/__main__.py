@@ -63,6 +63,22 @@ def main(argv=None) -> int:
     return 2
 
 
+def _initialize_distributed() -> bool:
+  """Joins JAX's multi-process runtime when launched as one of several processes.
+
+  Triggered by JAX_COORDINATOR_ADDRESS (set it, with JAX_NUM_PROCESSES and JAX_PROCESS_ID, on
+  GPU hosts), a multi-host TPU slice (TPU_WORKER_HOSTNAMES lists several hosts) or a SLURM
+  job with several tasks; `jax.distributed.initialize` reads the rest from the environment.
+  """
+  multi_host_tpu = "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+  slurm = int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1
+  if not (os.environ.get("JAX_COORDINATOR_ADDRESS") or multi_host_tpu or slurm):
+    return False
+  import jax
+  jax.distributed.initialize()
+  return True
+
+
 def _checkpoints(values) -> dict:
   """["translation=/ckpt/t5", ...] -> {"translation": "/ckpt/t5"}, checked before any work."""
   from experiments import common, tasks
@@ -95,6 +111,7 @@ def _run(args) -> int:
   out = args.out or os.path.join("runs", f"{args.command}-{preset.name}")
   mesh = None
   if args.mesh:
+    _initialize_distributed()
     from optclip import sharding
     try:
       mesh = sharding.mesh_from_spec(args.mesh)
