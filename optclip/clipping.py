@@ -21,6 +21,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from typing import Any, NamedTuple, Sequence
@@ -221,6 +222,29 @@ def _keys(problem: _Problem, raw):
   return _value_to_key(problem.magnitude(raw), problem.bits)
 
 
+# Chunk length of `_reduce_in_chunks` (16 KiB of float32).
+_CHUNK = 1 << 12
+
+
+def _reduce_in_chunks(raw, reduce_chunk, combine):
+  """``reduce_chunk`` over fixed-size pieces of the flattened leaf, combined in a loop.
+
+  For passes XLA cannot fuse into their reduction on CPU (integer compares and selects): it
+  would store a full-size intermediate per leaf, and its scheduler keeps every leaf's alive
+  at once. Chunked, a pass holds one chunk's intermediates per leaf.
+  """
+  flat = raw.reshape(-1)
+  full = flat.shape[0] // _CHUNK
+  if not full:
+    return reduce_chunk(flat)
+  result = jax.lax.fori_loop(
+      1, full, lambda i, acc: combine(acc, reduce_chunk(
+          jax.lax.dynamic_slice_in_dim(flat, i * _CHUNK, _CHUNK))), reduce_chunk(flat[:_CHUNK]))
+  if flat.shape[0] % _CHUNK:
+    result = combine(result, reduce_chunk(flat[full * _CHUNK:]))
+  return result
+
+
 def _count_ge(problem: _Problem, pivots) -> jax.Array:
   """Exact count of |g| >= pivot per group: pivots (G, P) keys -> (G, P) int32.
 
@@ -236,14 +260,14 @@ def _count_ge(problem: _Problem, pivots) -> jax.Array:
             for leaf, group in zip(problem.leaves, problem.group_of_leaf)]
 
   def by_keys():
-    counts = []
-    for raw, group in zip(problem.raw_leaves, problem.group_of_leaf):
-      keys = _keys(problem, raw)
-      expand = (slice(None),) + (None,) * keys.ndim
-      counts.append(jnp.sum(keys[None] >= pivots[group][expand],
-                            axis=tuple(range(1, keys.ndim + 1)), dtype=jnp.int32))
-    return counts
+    def count(chunk, group):
+      return jnp.sum(_keys(problem, chunk)[None] >= pivots[group][:, None], axis=1,
+                     dtype=jnp.int32)
+    return [_reduce_in_chunks(raw, functools.partial(count, group=group), jnp.add)
+            for raw, group in zip(problem.raw_leaves, problem.group_of_leaf)]
 
+  if not problem.finite_only:  # masking NaN/Inf is a select: unfusable, so chunked keys
+    return _group_combine(by_keys(), problem, jnp.add, 0)
   subnormal = jnp.any(pivots < bits.min_normal_key)
   per_leaf = jax.lax.cond(subnormal, by_keys, by_values)
   return _group_combine(per_leaf, problem, jnp.add, 0)
@@ -282,20 +306,23 @@ def _snap(problem: _Problem, lo, hi):
     return combine(per_leaf)
 
   def by_keys():
-    per_leaf = []
-    for raw, group in zip(problem.raw_leaves, problem.group_of_leaf):
-      keys = _keys(problem, raw)
+    def extremes(chunk, group):
+      keys = _keys(problem, chunk)
       # Non-finite entries read as zero keys; they must not pose as the smallest element.
       at_least_lo = keys >= lo[group]
       if not problem.finite_only:
-        at_least_lo = at_least_lo & jnp.isfinite(raw)
+        at_least_lo = at_least_lo & jnp.isfinite(chunk)
       rows = jnp.stack([jnp.where(keys < hi[group], keys, 0),
                         -jnp.where(at_least_lo, keys, inf_key)])
-      per_leaf.append(jnp.max(rows, axis=tuple(range(1, rows.ndim)), initial=-inf_key))
-    return combine(per_leaf)
+      return jnp.max(rows, axis=1, initial=-inf_key)
+    return combine([_reduce_in_chunks(raw, functools.partial(extremes, group=group), jnp.maximum)
+                    for raw, group in zip(problem.raw_leaves, problem.group_of_leaf)])
 
-  normal = jnp.all(lo >= bits.min_normal_key)
-  largest, smallest = jax.lax.cond(normal, by_values, by_keys)
+  if not problem.finite_only:
+    largest, smallest = by_keys()
+  else:
+    normal = jnp.all(lo >= bits.min_normal_key)
+    largest, smallest = jax.lax.cond(normal, by_values, by_keys)
   return largest.astype(bits.key_dtype), smallest.astype(bits.key_dtype)
 
 
@@ -361,7 +388,9 @@ def _moment_pivots(problem: _Problem):
   the mean needs one scalar all-reduce. Later steps interpolate from the exact counts.
   """
   bits = problem.bits
-  sums = _group_combine([jnp.sum(leaf)[None] for leaf in problem.leaves], problem, jnp.add, 0)
+  sums = _group_combine(
+      [_reduce_in_chunks(raw, lambda c: jnp.sum(problem.magnitude(c))[None], jnp.add)
+       for raw in problem.raw_leaves], problem, jnp.add, 0)
   mean = sums[:, 0] / jnp.maximum(problem.n, 1)
   q = problem.k.astype(jnp.float32) / jnp.maximum(problem.n, 1)
   # Heavier tails and smaller q push the k-th largest above the mean.
@@ -523,6 +552,8 @@ def _select(problem: _Problem) -> jax.Array:
       return snap_or_count(s)
     # The two-level top_k finishes every group whose answer is among the _TOP_K largest
     # elements below hi (and is a normal number, see _top_below).
+    if not problem.finite_only:  # its |g| would need a stored select (see _count_ge)
+      return snap_or_count(s)
     ready = ~s.active | ((r <= _TOP_K) & (s.lo >= bits.min_normal_key))
     return jax.lax.cond(jnp.all(ready), top_k_step, snap_or_count, s)
 
@@ -594,7 +625,8 @@ def _problem(float_leaves, fraction, per_leaf: bool, finite_only: bool,
         jnp.zeros((0,), jnp.int32)
     n = jnp.asarray(group_n, jnp.int32)
   else:
-    n = _group_combine([jnp.sum(jnp.isfinite(l), dtype=jnp.int32)[None] for l in float_leaves],
+    count = lambda chunk: jnp.sum(jnp.isfinite(chunk), dtype=jnp.int32)[None]
+    n = _group_combine([_reduce_in_chunks(l, count, jnp.add) for l in float_leaves],
                        problem, jnp.add, 0)[:, 0]
     k = jnp.stack([_top_count(fraction, n[g], None) for g in range(num_groups)])
   return problem._replace(k=k, n=n)
