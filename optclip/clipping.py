@@ -501,7 +501,6 @@ def _finish(s: _LoopState, solved, answer) -> _LoopState:
 
 def _select(problem: _Problem) -> jax.Array:
   """Key of the k-th largest element per group (the inf key for groups without elements)."""
-  outer_problem = problem
   bits = problem.bits
   G = problem.num_groups
   empty = problem.k <= 0
@@ -516,10 +515,6 @@ def _select(problem: _Problem) -> jax.Array:
   state = _finish(state, empty, jnp.full((G,), bits.inf_key, bits.key_dtype))
 
   def body(s):
-    # Tie the leaves to the loop state: otherwise XLA hoists |g| (loop-invariant) out of the
-    # loop and stores it, a full-size copy of the gradients.
-    s, raw_leaves = jax.lax.optimization_barrier((s, list(outer_problem.raw_leaves)))
-    problem = outer_problem._replace(raw_leaves=raw_leaves)
 
     def top_k_step(s):
       r = problem.k - s.c_hi
