@@ -8,11 +8,13 @@ Finding τ exactly is a selection problem. Concatenating the leaves and sorting 
 pattern instead: for non-negative IEEE floats, the order of the values is the order of their
 bits read as integers ("keys"). A bracket [lo, hi) of keys with count(|g| ≥ lo) ≥ k >
 count(|g| ≥ hi) is narrowed until it holds one key. Each narrowing step is a handful of
-per-leaf reductions (never a gather or a sort of the data), so under `jax.sharding` its only
-communication is a few scalars. The pivots of each step come from a small strided sample
-(first step), from interpolation of the exact counts (later steps), and from "snapping" the
-bracket to the largest and smallest element inside it; a key-space trisection every few steps
-bounds the worst case.
+per-leaf reductions (never a gather or a sort of the data). On sharded leaves the search runs
+in a `shard_map`: per-device partial counts are combined across leaves and all-reduced once
+per step, a few scalars. The pivots of each step come from a small strided sample (first
+step), from interpolation of the exact counts (later steps), and from "snapping" the bracket
+to the largest and smallest element inside it; a key-space quartering when a step stalls
+bounds the worst case. An answer among the 64 largest elements below hi is finished by a
+two-level top_k (row maxima, then the gathered rows).
 
 References:
   Pan & Li, Toward Understanding Why Adam Converges Faster Than SGD for Transformers, 2023
@@ -46,7 +48,7 @@ _SAMPLE_SIZE = 16384
 _SAMPLE_Z = (-4.0, -1.0, 1.0, 4.0)
 # Later pivots: count targets k + spread · these (see _interpolated_pivots).
 _INTERP_SPREADS = (1.0, -1.0)
-# A bracket whose answer is among its _TOP_K largest elements is finished by one top_k pass.
+# A bracket whose answer is among its _TOP_K largest elements is finished by a two-level top_k.
 _TOP_K = 64
 _MAX_STEPS = 200
 
