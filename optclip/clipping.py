@@ -33,6 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from optclip.sharding import explicit_spec
+
 __all__ = [
     "CoordClipState",
     "clip_threshold",
@@ -160,6 +162,9 @@ class _Across(NamedTuple):
   axes: tuple = ()
   weights: tuple | None = None  # per leaf, None when unsharded
   sizes: tuple | None = None  # global leaf sizes, None when unsharded
+
+  def global_sizes(self, leaves) -> list:
+    return list(self.sizes) if self.sizes is not None else [int(l.size) for l in leaves]
 
   def weighted(self, values):
     if self.weights is None:
@@ -516,41 +521,40 @@ def _select(problem: _Problem) -> jax.Array:
   # Groups without finite coordinates finish at once: τ = +inf, nothing is clipped.
   state = _finish(state, empty, jnp.full((G,), bits.inf_key, bits.key_dtype))
 
+  def top_k_step(s):
+    r = problem.k - s.c_hi
+    answer = _top_below(problem, s.hi, r)
+    return _finish(s, s.active & (r <= _TOP_K), answer)._replace(step=s.step + 1)
+
+  def snap_step(s):
+    # The bracket's largest element is the answer when r == 1, its smallest when r == width,
+    # and either when they are equal; otherwise the bracket shrinks to [smallest, largest].
+    largest, smallest = _snap(problem, s.lo, s.hi)
+    r = problem.k - s.c_hi
+    width = s.c_lo - s.c_hi
+    solved = s.active & ((r == 1) | (r == width) | (largest == smallest))
+    answer = jnp.where(r == width, smallest, largest)
+    snapped = s._replace(lo=jnp.where(s.active, smallest, s.lo),
+                         hi=jnp.where(s.active, largest + 1, s.hi))
+    return _finish(snapped, solved, answer)._replace(
+        just_snapped=jnp.ones((), bool), step=s.step + 1)
+
+  def count_step(s):
+    pivots = _interpolated_pivots(problem, s)
+    s = _update_bracket(problem, s, pivots, _count_ge(problem, pivots))
+    return s._replace(step=s.step + 1)
+
   def body(s):
-
-    def top_k_step(s):
-      r = problem.k - s.c_hi
-      answer = _top_below(problem, s.hi, r)
-      return _finish(s, s.active & (r <= _TOP_K), answer)._replace(step=s.step + 1)
-
-    def snap_step(s):
-      # The bracket's largest element is the answer when r == 1, its smallest when r == width,
-      # and either when they are equal; otherwise the bracket shrinks to [smallest, largest].
-      largest, smallest = _snap(problem, s.lo, s.hi)
-      r = problem.k - s.c_hi
-      width = s.c_lo - s.c_hi
-      solved = s.active & ((r == 1) | (r == width) | (largest == smallest))
-      answer = jnp.where(r == width, smallest, largest)
-      snapped = s._replace(lo=jnp.where(s.active, smallest, s.lo),
-                           hi=jnp.where(s.active, largest + 1, s.hi))
-      return _finish(snapped, solved, answer)._replace(
-          just_snapped=jnp.ones((), bool), step=s.step + 1)
-
-    def count_step(s):
-      pivots = _interpolated_pivots(problem, s)
-      s = _update_bracket(problem, s, pivots, _count_ge(problem, pivots))
-      return s._replace(step=s.step + 1)
-
     r = problem.k - s.c_hi
     width = s.c_lo - s.c_hi
     wants_snap = s.active & ~s.just_snapped & ((r == 1) | (r == width) | (width <= 4))
     snap_or_count = lambda s: jax.lax.cond(jnp.any(wants_snap), snap_step, count_step, s)
-    if not problem.gather_ok:
+    # No top_k on a device's blocks, nor on the NaN/Inf path (its |g| would need a stored
+    # select, see _count_ge).
+    if not (problem.gather_ok and problem.finite_only):
       return snap_or_count(s)
     # The two-level top_k finishes every group whose answer is among the _TOP_K largest
     # elements below hi (and is a normal number, see _top_below).
-    if not problem.finite_only:  # its |g| would need a stored select (see _count_ge)
-      return snap_or_count(s)
     ready = ~s.active | ((r <= _TOP_K) & (s.lo >= bits.min_normal_key))
     return jax.lax.cond(jnp.all(ready), top_k_step, snap_or_count, s)
 
@@ -591,12 +595,7 @@ def _top_count(fraction, n, static_n: int | None):
 
 
 def _is_sharded(x) -> bool:
-  """True for an array whose type carries an explicit sharding over some mesh axis."""
-  try:
-    spec = jax.typeof(x).sharding.spec
-  except AttributeError:
-    return False
-  return any(axis is not None for axis in spec)
+  return explicit_spec(x) is not None
 
 
 def _gather_ok(float_leaves, across: _Across) -> bool:
@@ -609,7 +608,7 @@ def _problem(float_leaves, fraction, per_leaf: bool, finite_only: bool,
   bits = _bits_for([l.dtype for l in float_leaves])
   num_groups = len(float_leaves) if per_leaf else 1
   group_of_leaf = list(range(len(float_leaves))) if per_leaf else [0] * len(float_leaves)
-  sizes = list(across.sizes) if across.sizes is not None else [int(l.size) for l in float_leaves]
+  sizes = across.global_sizes(float_leaves)
   if max([sum(sizes)] + sizes) >= 2 ** 31 - 1:
     raise ValueError("clip_threshold: trees with 2^31 or more coordinates are not supported")
   problem = _Problem(list(float_leaves), group_of_leaf, num_groups, None, None, bits,
@@ -650,8 +649,7 @@ def _compact_select(float_leaves, fraction, per_leaf: bool, bits: _Bits,
 
   n_finite = group_sums([jnp.sum(k < inf_key, dtype=jnp.int32) for k in keys])
   static_n = [0] * num_groups
-  sizes = across.sizes if across.sizes is not None else [int(l.size) for l in float_leaves]
-  for size, group in zip(sizes, group_of_leaf):
+  for size, group in zip(across.global_sizes(float_leaves), group_of_leaf):
     static_n[group] += size
   all_finite = n_finite == jnp.asarray(static_n, jnp.int32)
   k_static = jnp.stack([_top_count(fraction, n, n) for n in static_n])
@@ -695,8 +693,7 @@ def _threshold_keys(float_leaves, fraction, per_leaf: bool, across: _Across = _U
   if not across.axes and any(_is_sharded(l) for l in float_leaves):
     return _sharded_threshold_keys(float_leaves, fraction, per_leaf)
   bits = _bits_for([l.dtype for l in float_leaves])
-  total = sum(across.sizes) if across.sizes is not None else \
-      sum(int(l.size) for l in float_leaves)
+  total = sum(across.global_sizes(float_leaves))
   if bits.float_dtype == jnp.float32 and total <= _COMPACT_MAX_SIZE:
     return _compact_select(float_leaves, fraction, per_leaf, bits, across)
   # sum(g * 0) is 0 exactly when every entry is finite: a cheap vectorised check that picks
@@ -719,8 +716,7 @@ def _sharded_threshold_keys(float_leaves, fraction, per_leaf: bool):
   sharding = next(jax.typeof(l).sharding for l in float_leaves if _is_sharded(l))
   mesh = sharding.mesh
   axes = tuple(mesh.axis_names)
-  specs = tuple(jax.typeof(l).sharding.spec if _is_sharded(l) else
-                jax.sharding.PartitionSpec() for l in float_leaves)
+  specs = tuple(explicit_spec(l) or jax.sharding.PartitionSpec() for l in float_leaves)
   sizes = tuple(int(l.size) for l in float_leaves)
   fraction_is_array = isinstance(fraction, (jax.Array, jax.core.Tracer))
 
