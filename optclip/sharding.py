@@ -21,6 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 __all__ = [
     "batch_spec",
+    "explicit_spec",
     "fsdp_spec",
     "gathered_loss",
     "logical_to_spec",
@@ -34,6 +35,15 @@ __all__ = [
 
 # Leaves smaller than this stay replicated: splitting them costs more than it saves.
 MIN_SHARDED_SIZE = 2 ** 14
+
+
+def explicit_spec(x) -> PartitionSpec | None:
+  """The PartitionSpec in ``x``'s type when an explicit-sharding mesh splits it, else None."""
+  try:
+    spec = jax.typeof(x).sharding.spec
+  except AttributeError:
+    return None
+  return spec if any(axis is not None for axis in spec) else None
 
 
 def parse_mesh_spec(spec: str) -> dict:

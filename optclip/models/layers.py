@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
+from optclip.sharding import explicit_spec
+
 IGNORE_INDEX = -100  # the label value PyTorch/transformers leave out of the loss
 
 
@@ -36,22 +38,13 @@ def activation(name: str):
   return ACTIVATIONS[name]
 
 
-def _explicit_spec(x):
-  """The PartitionSpec in x's type under an explicit-sharding mesh, else None."""
-  try:
-    spec = jax.typeof(x).sharding.spec
-  except AttributeError:
-    return None
-  return spec if any(axis is not None for axis in spec) else None
-
-
 def embedding_lookup(table, ids):
   """``table[ids]``; under explicit sharding the rows follow the ids' batch split.
 
   JAX cannot infer the output sharding of a gather from a replicated table with indices split
   along ``data``, so it is stated: the ids' spec plus an unsplit feature axis.
   """
-  spec = _explicit_spec(ids)
+  spec = explicit_spec(ids)
   if spec is None:
     return jnp.take(table, ids, axis=0)
   return table.at[ids].get(out_sharding=PartitionSpec(*spec, None))
