@@ -256,6 +256,14 @@ def restore_checkpoint(out: str, unit: str, step: int, like):
     return checkpointer.restore(os.path.join(checkpoint_dir(out, unit), str(step)), abstract)
 
 
+def model_loss(model, mesh=None):
+  """``loss_fn(params, batch)`` of a model; on a mesh FSDP-style (`sharding.gathered_loss`)."""
+  from optclip.models import make_loss_fn
+  from optclip.sharding import gathered_loss
+  loss_fn = make_loss_fn(model)
+  return loss_fn if mesh is None else gathered_loss(loss_fn)
+
+
 def progress(iterable=None, **kwargs):
   from tqdm.auto import tqdm
   kwargs.setdefault("leave", False)

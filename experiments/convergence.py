@@ -38,9 +38,7 @@ def optimizer(name: str, learning_rate):
 
 @functools.lru_cache(maxsize=None)
 def _step(model, name: str, relative: bool, mesh=None):
-  from optclip.models import make_loss_fn
-  from optclip.sharding import gathered_loss
-  loss_fn = make_loss_fn(model) if mesh is None else gathered_loss(make_loss_fn(model))
+  loss_fn = common.model_loss(model, mesh)
   tx = optimizer(name, None if relative else 1.0)
 
   @jax.jit

@@ -34,9 +34,7 @@ def per_example_gauss_newton_factors(model):
 
 @functools.lru_cache(maxsize=None)
 def _functions(model, mesh=None):
-  from optclip.models import make_loss_fn
-  from optclip.sharding import gathered_loss
-  loss_fn = make_loss_fn(model) if mesh is None else gathered_loss(make_loss_fn(model))
+  loss_fn = common.model_loss(model, mesh)
   factors = per_example_gauss_newton_factors(model)
   tx = optax.inject_hyperparams(optclip.adam)(learning_rate=1.0)
 

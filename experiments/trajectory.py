@@ -63,17 +63,10 @@ def trajectory_optimizer(name: str, learning_rate: float):
   raise ValueError(f"trajectory must be 'sgd' or 'adam', got {name!r}")
 
 
-def _loss(model, mesh):
-  from optclip.models import make_loss_fn
-  from optclip.sharding import gathered_loss
-  loss_fn = make_loss_fn(model)
-  return loss_fn if mesh is None else gathered_loss(loss_fn)
-
-
 @functools.lru_cache(maxsize=None)
 def _train_step(model, trajectory, learning_rate, kind, mesh=None):
   """The jitted training step, shared by every seed of a task (same shapes, one compile)."""
-  loss_fn = _loss(model, mesh)
+  loss_fn = common.model_loss(model, mesh)
   train_tx = trajectory_optimizer(trajectory, learning_rate)
   probes = probe_optimizers(kind)
 
@@ -94,7 +87,7 @@ def _probe(model, kind, steps, hutchinson_samples, mesh=None):
 
   Jitted in separate pieces: XLA compiles several small programs faster than one large one.
   """
-  loss_fn = _loss(model, mesh)
+  loss_fn = common.model_loss(model, mesh)
   probes = probe_optimizers(kind)
   names = list(probes)
   steps = jnp.asarray(steps, jnp.float32)
