@@ -41,7 +41,8 @@ def train_tokenizer(texts, vocab_size: int, *, cache_dir: str | None = None):
 
 
 class SpecialIds(NamedTuple):
-  """Ids of the special tokens the batches use (mask may be None: then <unk> stands in)."""
+  """Ids of the special tokens the batches use (see `load_checkpoint_tokenizer` for the
+  stand-ins of tokenizers without pad or mask tokens)."""
   pad: int = PAD_ID
   eos: int = EOS_ID
   mask: int = MASK_ID
