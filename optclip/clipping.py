@@ -48,8 +48,11 @@ __all__ = [
 _SAMPLE_SIZE = 16384
 # Sample ranks of the first pivots, in standard deviations of the sample quantile around k.
 _SAMPLE_Z = (-4.0, -1.0, 1.0, 4.0)
-# Later pivots: count targets k + spread · these (see _interpolated_pivots).
+# Later pivots: count targets k + spread · these (see _interpolated_pivots), with
+# spread = width · _SPREAD_LINEAR + sqrt(width) · _SPREAD_NOISE + 1.
 _INTERP_SPREADS = (1.0, -1.0)
+_SPREAD_LINEAR = 1 / 256
+_SPREAD_NOISE = 1.0
 # A bracket whose answer is among its _TOP_K largest elements is finished by a two-level top_k.
 _TOP_K = 64
 _MAX_STEPS = 200
@@ -92,7 +95,7 @@ class _Bits(NamedTuple):
   bias: int
   max_exp: int
   inf_key: int
-  min_normal_key: int
+  min_fast_key: int  # key of 2^(precision - max_exp + 2): see _below_indicator
   one_key: int  # key of 1.0
 
 
@@ -100,9 +103,9 @@ def _bits_for(dtypes: Sequence[Any]) -> _Bits:
   # bfloat16 and float16 widen to float32 exactly, so float32 keys order all of them; float64
   # (with jax_enable_x64) needs 64-bit keys.
   if any(jnp.dtype(d) == jnp.float64 for d in dtypes):
-    return _Bits(jnp.float64, jnp.int64, 53, 1023, 1024, 0x7FF0000000000000, 1 << 52,
+    return _Bits(jnp.float64, jnp.int64, 53, 1023, 1024, 0x7FF0000000000000, 54 << 52,
                  0x3FF0000000000000)
-  return _Bits(jnp.float32, jnp.int32, 24, 127, 128, 0x7F800000, 1 << 23, 0x3F800000)
+  return _Bits(jnp.float32, jnp.int32, 24, 127, 128, 0x7F800000, 25 << 23, 0x3F800000)
 
 
 def _key_to_value(key, bits: _Bits):
@@ -120,22 +123,16 @@ def _below_indicator(a, pivot_keys, bits: _Bits):
   reductions but not compare/select or integer ones (measured 2-3x slower), so the comparison
   is arithmetic: t - min(a, t) is zero exactly when a >= t and otherwise at least 2^(e - p)
   for t in [2^e, 2^(e+1)); scaling it by 2^(p - e) and capping at 1 gives the indicator.
-  Pivots below 2^-100 are first lifted, with a, by a power of two so that the scale stays
-  finite; scaling by powers of two keeps the order (values that overflow stay >= t).
+  Exact for pivots t >= 2^(p - max_exp + 2) (``bits.min_fast_key``, 2^-102 in float32):
+  there 2^(e - p) is a normal number (CPUs flush subnormals to zero) and the scale is finite.
+  Callers count smaller pivots on the integer keys.
   """
   pivot_keys = pivot_keys.astype(bits.key_dtype)
-  exponent_field = (pivot_keys >> (bits.precision - 1)).astype(jnp.int32)
-  exponent = jnp.where(exponent_field > 0, exponent_field - bits.bias, 1 - bits.bias)
-  lift_exp = 100 if bits.precision == 24 else 900
-  small = exponent < bits.precision - bits.max_exp + 2
-  one = jnp.ones((), bits.float_dtype)
-  lift = jnp.where(small, jnp.ldexp(one, lift_exp), one)
-  exponent = jnp.where(small, exponent + lift_exp, exponent)
-  scale = jnp.ldexp(one, bits.precision - exponent)
+  exponent = (pivot_keys >> (bits.precision - 1)).astype(jnp.int32) - bits.bias
+  scale = jnp.ldexp(jnp.ones((), bits.float_dtype), bits.precision - exponent)
   expand = (slice(None),) + (None,) * a.ndim
-  t = (_key_to_value(pivot_keys, bits) * lift)[expand]
-  lifted = a[None] * lift[expand]
-  return jnp.minimum((t - jnp.minimum(lifted, t)) * scale[expand], 1)
+  t = _key_to_value(pivot_keys, bits)[expand]
+  return jnp.minimum((t - jnp.minimum(a[None], t)) * scale[expand], 1)
 
 
 def _exact_counts(indicator) -> jax.Array:
@@ -255,10 +252,9 @@ def _reduce_in_chunks(raw, reduce_chunk, combine):
 def _count_ge(problem: _Problem, pivots) -> jax.Array:
   """Exact count of |g| >= pivot per group: pivots (G, P) keys -> (G, P) int32.
 
-  The fast branch compares in float arithmetic (`_below_indicator`), which CPUs evaluate with
-  subnormals flushed to zero. Pivots below the smallest normal number (a zero or subnormal
-  threshold, rare) are counted by comparing the integer keys instead: exact, fused, but not
-  vectorised by XLA on CPU.
+  The fast branch compares in float arithmetic (`_below_indicator`), exact for pivots of at
+  least 2^-102 (float32). Smaller pivots (a tiny, subnormal or zero threshold, rare) are
+  counted by comparing the integer keys instead: exact, but not vectorised by XLA on CPU.
   """
   bits = problem.bits
 
@@ -275,16 +271,16 @@ def _count_ge(problem: _Problem, pivots) -> jax.Array:
 
   if not problem.finite_only:  # masking NaN/Inf is a select: unfusable, so chunked keys
     return _group_combine(by_keys(), problem, jnp.add, 0)
-  subnormal = jnp.any(pivots < bits.min_normal_key)
-  per_leaf = jax.lax.cond(subnormal, by_keys, by_values)
+  tiny = jnp.any(pivots < bits.min_fast_key)
+  per_leaf = jax.lax.cond(tiny, by_keys, by_values)
   return _group_combine(per_leaf, problem, jnp.add, 0)
 
 
 def _snap(problem: _Problem, lo, hi):
   """Largest key below hi and smallest key at or above lo, per group (max reductions).
 
-  When every lo is a normal number, so is every element of interest, and float arithmetic
-  (vectorised, fused) is exact; otherwise the integer keys are compared (see `_count_ge`).
+  When every lo is at least 2^-102 (float32), float arithmetic (vectorised, fused) is exact
+  (see `_below_indicator`); otherwise the integer keys are compared (see `_count_ge`).
   Both extremes come from one max over a stacked (2, ...) expression: two reductions of the
   same |g| would make XLA store |g| between them.
   """
@@ -328,8 +324,8 @@ def _snap(problem: _Problem, lo, hi):
   if not problem.finite_only:
     largest, smallest = by_keys()
   else:
-    normal = jnp.all(lo >= bits.min_normal_key)
-    largest, smallest = jax.lax.cond(normal, by_values, by_keys)
+    fast = jnp.all(lo >= bits.min_fast_key)
+    largest, smallest = jax.lax.cond(fast, by_values, by_keys)
   return largest.astype(bits.key_dtype), smallest.astype(bits.key_dtype)
 
 
@@ -449,7 +445,7 @@ def _interpolated_pivots(problem: _Problem, s: "_LoopState"):
   bits = problem.bits
   k = problem.k.astype(jnp.float32)
   width = jnp.maximum(s.c_lo - s.c_hi, 1).astype(jnp.float32)
-  spread = width / 32 + 3 * jnp.sqrt(width) + 1
+  spread = width * _SPREAD_LINEAR + _SPREAD_NOISE * jnp.sqrt(width) + 1
   targets = k[:, None] + spread[:, None] * jnp.asarray(_INTERP_SPREADS)[None]
   fractions = jnp.clip((s.c_lo[:, None] - targets) / width[:, None], 0.0, 1.0)
   lo_value = _key_to_value(s.lo, bits).astype(jnp.float32)
@@ -554,8 +550,9 @@ def _select(problem: _Problem) -> jax.Array:
     if not (problem.gather_ok and problem.finite_only):
       return snap_or_count(s)
     # The two-level top_k finishes every group whose answer is among the _TOP_K largest
-    # elements below hi (and is a normal number, see _top_below).
-    ready = ~s.active | ((r <= _TOP_K) & (s.lo >= bits.min_normal_key))
+    # elements below hi (and is a normal number, see _top_below; lo >= 2^-102 implies both
+    # that and exact float comparisons).
+    ready = ~s.active | ((r <= _TOP_K) & (s.lo >= bits.min_fast_key))
     return jax.lax.cond(jnp.all(ready), top_k_step, snap_or_count, s)
 
   def cond(s):
