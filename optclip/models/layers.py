@@ -60,25 +60,33 @@ class Embed(nn.Embed):
     return embedding_lookup(embedding, inputs)
 
 
+def _label_log_probs(logits, labels):
+  """log softmax(logits)[label] along the last axis, in float32.
+
+  As ``logits[label] - logsumexp(logits)``, so the (tokens, vocabulary) array of
+  log-probabilities is never formed: value and gradient of the loss at GPT-Neo's 50K
+  vocabulary took half the time of ``log_softmax`` + pick on CPU.
+  """
+  logits = logits.astype(jnp.float32)
+  picked = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+  return picked - jax.nn.logsumexp(logits, axis=-1)
+
+
 def token_cross_entropy(logits, labels):
   """Mean cross-entropy over tokens whose label is not IGNORE_INDEX (padding).
 
   Matches ``torch.nn.CrossEntropyLoss(ignore_index=-100)``: a sum over kept tokens divided by
   their count. Computed in float32 whatever the logits' dtype.
   """
-  logits = logits.astype(jnp.float32)
   keep = labels != IGNORE_INDEX
-  safe_labels = jnp.where(keep, labels, 0)
-  log_probs = jax.nn.log_softmax(logits, axis=-1)
-  picked = jnp.take_along_axis(log_probs, safe_labels[..., None], axis=-1)[..., 0]
-  total = jnp.sum(jnp.where(keep, -picked, 0.0))
+  log_probs = _label_log_probs(logits, jnp.where(keep, labels, 0))
+  total = jnp.sum(jnp.where(keep, -log_probs, 0.0))
   return total / jnp.maximum(jnp.sum(keep), 1)
 
 
 def classification_cross_entropy(logits, labels):
   """Mean cross-entropy of integer class labels."""
-  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  return -jnp.mean(jnp.take_along_axis(log_probs, labels[:, None], axis=-1))
+  return -jnp.mean(_label_log_probs(logits, labels))
 
 
 def mask_bias(allowed, dtype=jnp.float32):
