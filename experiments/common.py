@@ -264,6 +264,38 @@ def model_loss(model, mesh=None):
   return loss_fn if mesh is None else gathered_loss(loss_fn)
 
 
+def train_step(loss_fn, tx):
+  """Jitted ``(params, state, batch) -> (params, state, loss)``, one optax step.
+
+  ``params`` and ``state`` are donated: callers rebind both to the results and start from
+  `owned_copy`.
+  """
+  import functools
+  import jax
+  import optax
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  def step(params, state, batch):
+    loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state, loss
+
+  return step
+
+
+def owned_copy(tree):
+  """A copy of ``tree`` whose buffers a donating training step may consume.
+
+  The training steps donate their state, so XLA updates parameters and moments in place
+  rather than allocating fresh buffers every step (16% of a GPT-Neo-125M step on CPU). The
+  initial state may alias arrays that must survive, such as a --checkpoint folder's
+  parameters, which every seed starts from.
+  """
+  import jax
+  import jax.numpy as jnp
+  return jax.tree.map(jnp.copy, tree)
+
+
 def progress(iterable=None, **kwargs):
   from tqdm.auto import tqdm
   kwargs.setdefault("leave", False)

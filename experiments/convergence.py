@@ -40,14 +40,7 @@ def optimizer(name: str, learning_rate):
 def _step(model, name: str, relative: bool, mesh=None):
   loss_fn = common.model_loss(model, mesh)
   tx = optimizer(name, None if relative else 1.0)
-
-  @jax.jit
-  def step(params, state, batch):
-    loss, grads = jax.value_and_grad(loss_fn)(params, batch)
-    updates, state = tx.update(grads, state, params)
-    return optax.apply_updates(params, updates), state, loss
-
-  return tx, step
+  return tx, common.train_step(loss_fn, tx)
 
 
 def train_curve(task, name: str, learning_rate, seed: int, epochs: int, mesh=None) -> list:
@@ -56,8 +49,8 @@ def train_curve(task, name: str, learning_rate, seed: int, epochs: int, mesh=Non
   context, place, place_batch = sharding.placement(mesh)
   with context:
     tx, step = _step(task.model, name, learning_rate is None, mesh)
-    params = place(task.init_params(seed))
-    state = place(tx.init(params))
+    params = common.owned_copy(place(task.init_params(seed)))
+    state = common.owned_copy(place(tx.init(params)))
     if learning_rate is not None:
       state.hyperparams["learning_rate"] = jax.numpy.asarray(learning_rate, jax.numpy.float32)
     curve = []

@@ -9,9 +9,7 @@ we report its loss curve.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-from typing import Sequence
 
 import jax
 import jax.numpy as jnp

@@ -39,17 +39,11 @@ def _functions(model, mesh=None):
   tx = optax.inject_hyperparams(optclip.adam)(learning_rate=1.0)
 
   @jax.jit
-  def step(params, state, batch):
-    loss, grads = jax.value_and_grad(loss_fn)(params, batch)
-    updates, state = tx.update(grads, state, params)
-    return optax.apply_updates(params, updates), state, loss
-
-  @jax.jit
   def measure(params, batch):
     return optclip.gauss_newton_spectral_norm(lambda p, b: factors(p, {k: b[k] for k in (
         "input_ids", "attention_mask")}), params, batch)
 
-  return tx, step, measure
+  return tx, common.train_step(loss_fn, tx), measure
 
 
 def run(ctx) -> None:
@@ -65,8 +59,8 @@ def _run_seed(ctx, seed, place, place_batch) -> None:
   preset = ctx.preset
   task = ctx.task("classification", seed)
   tx, step, measure = _functions(task.model, ctx.mesh)
-  params = place(task.init_params(seed))
-  state = place(tx.init(params))
+  params = common.owned_copy(place(task.init_params(seed)))
+  state = common.owned_copy(place(tx.init(params)))
   state.hyperparams["learning_rate"] = jnp.asarray(preset.smoothness_learning_rate)
   size = len(task.test_batch["label"])
   test_batch = place_batch(task.test_batch)

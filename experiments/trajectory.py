@@ -70,7 +70,7 @@ def _train_step(model, trajectory, learning_rate, kind, mesh=None):
   train_tx = trajectory_optimizer(trajectory, learning_rate)
   probes = probe_optimizers(kind)
 
-  @jax.jit
+  @functools.partial(jax.jit, donate_argnums=0)
   def train_step(state, batch):
     params, train_state, probe_states = state
     loss, grads = jax.value_and_grad(loss_fn)(params, batch)
@@ -163,8 +163,9 @@ def _run(task, trajectory, seed, preset, out, metrics, kind, epochs, probe_epoch
   names = tuple(probe_optimizers(kind))
   params = task.init_params(seed)
   probes = probe_optimizers(kind)
-  state = place((params, trajectory_optimizer(trajectory, learning_rate).init(params),
-                 optclip.init_pseudo_updates(probes, params)))
+  state = common.owned_copy(place((
+      params, trajectory_optimizer(trajectory, learning_rate).init(params),
+      optclip.init_pseudo_updates(probes, params))))
   start = 0
   saved = common.latest_checkpoint(out, unit)
   if saved is not None:
