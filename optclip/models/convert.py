@@ -12,7 +12,6 @@ import dataclasses
 import json
 import os
 import re
-from typing import Any
 
 import jax
 import numpy as np

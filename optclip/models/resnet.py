@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from optclip.models.layers import activation, classification_cross_entropy
