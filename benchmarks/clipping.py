@@ -8,6 +8,7 @@ Usage: python benchmarks/clipping.py [--coords 10000000] [--leaves 100]
 """
 
 import argparse
+import functools
 import os
 import sys
 
@@ -51,21 +52,30 @@ def main(argv=None):
           f"speed-up vs quantile {t_quantile / t_threshold:6.1f}x (goal >= 30x)")
 
   params = [jnp.zeros_like(l) for l in tree]
-  results = {}
+  steps, temps = {}, {}
   for name, tx in [("optax.adam(1e-3)", optax.adam(1e-3)),
                    ("optclip.adam(1e-3)", optclip.adam(1e-3)),
                    ("optclip.adam(1e-3, clip=0.5)", optclip.adam(1e-3, clip=0.5)),
                    ("optclip.adam(1e-3, clip_update=0.5)", optclip.adam(1e-3, clip_update=0.5))]:
     state = tx.init(params)
     step = jax.jit(tx.update)
-    results[name] = (time_ms(step, tree, state, repeats=args.repeats),
-                     temp_bytes(step, tree, state))
-  base_ms, base_bytes = results["optax.adam(1e-3)"]
+    steps[name] = functools.partial(step, tree, state)
+    temps[name] = temp_bytes(step, tree, state)
+  # Interleaved rounds, each timing every variant once: this machine's speed drifts by tens
+  # of percent between seconds, so each round's ratio compares like with like.
+  rounds = {name: [] for name in steps}
+  for name, run in steps.items():
+    jax.block_until_ready(run())
+  for _ in range(max(args.repeats, 7)):
+    for name, run in steps.items():
+      rounds[name].append(time_ms(run, repeats=1, warmup=0))
+  base = np.asarray(rounds["optax.adam(1e-3)"])
   leaf_bytes = tree[0].size * 4
-  for name, (ms, nbytes) in results.items():
-    print(f"{name:38s} {ms:8.1f} ms  ratio {ms / base_ms:5.2f}x   temporaries "
-          f"{nbytes / 2**20:7.1f} MiB (extra vs optax.adam: "
-          f"{(nbytes - base_bytes) / leaf_bytes:+.2f} leaves)")
+  for name, times in rounds.items():
+    ratio = np.median(np.asarray(times) / base)
+    print(f"{name:38s} {np.median(times):8.1f} ms  ratio {ratio:5.2f}x   temporaries "
+          f"{temps[name] / 2**20:7.1f} MiB (extra vs optax.adam: "
+          f"{(temps[name] - temps['optax.adam(1e-3)']) / leaf_bytes:+.2f} leaves)")
   print("goal: clipped step <= 3x optax.adam (aim 1.5x); extra temporaries O(one leaf)")
 
 
