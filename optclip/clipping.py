@@ -684,7 +684,7 @@ def _compact_select(float_leaves, fraction, per_leaf: bool, bits: _Bits,
 
 # Trees up to this many coordinates use `_compact_select`, which compiles in about a second;
 # the sample-and-interpolate search takes 5-15 s to compile but runs faster on larger trees
-# (2 cores: 8 vs 11 ms at 200K coordinates, 54 vs 16 ms at 1M). Larger
+# (2 cores: about even at 200K coordinates, 8-12 vs 11 ms; 51 vs 16 ms at 1M). Larger
 # (float32/bfloat16/float16) trees take the search.
 _COMPACT_MAX_SIZE = 1 << 18
 
