@@ -8,7 +8,6 @@ Usage: python benchmarks/models.py [--sizes tiny small] [--threads 2]
 """
 
 import argparse
-import functools
 import os
 import sys
 import time
@@ -38,18 +37,13 @@ def _batch(name, config, batch, src, tgt, rng):
 
 
 def jax_step_ms(model, params, batch, repeats):
-  """Median time of a training loop's step: state carried and donated, as PyTorch updates in
-  place (without donation every step also allocates fresh parameter and moment buffers)."""
-  loss_fn = models.make_loss_fn(model)
+  """Median time of a training loop's step as the experiments run it (`common.train_step`):
+  state carried and donated, as PyTorch updates in place (without donation every step also
+  allocates fresh parameter and moment buffers)."""
+  from experiments import common
   tx = optax.adamw(1e-4)
-
-  @functools.partial(jax.jit, donate_argnums=(0, 1))
-  def step(params, state, batch):
-    loss, grads = jax.value_and_grad(loss_fn)(params, batch)
-    updates, state = tx.update(grads, state, params)
-    return optax.apply_updates(params, updates), state, loss
-
-  carried = [jax.tree.map(jnp.copy, params)]
+  step = common.train_step(models.make_loss_fn(model), tx)
+  carried = [common.owned_copy(params)]
   carried.append(tx.init(carried[0]))
   batch = jax.tree.map(jnp.asarray, batch)
 
