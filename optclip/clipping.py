@@ -7,14 +7,13 @@ Finding τ exactly is a selection problem. Concatenating the leaves and sorting 
 `jnp.quantile` does) costs seconds at 10M coordinates, so this module selects on the float bit
 pattern instead: for non-negative IEEE floats, the order of the values is the order of their
 bits read as integers ("keys"). A bracket [lo, hi) of keys with count(|g| ≥ lo) ≥ k >
-count(|g| ≥ hi) is narrowed until it holds one key. Each narrowing step is a handful of
-per-leaf reductions (never a gather or a sort of the data). On sharded leaves the search runs
-in a `shard_map`: per-device partial counts are combined across leaves and all-reduced once
-per step, a few scalars. The pivots of each step come from a small strided sample (first
-step), from interpolation of the exact counts (later steps), and from "snapping" the bracket
-to the largest and smallest element inside it; a key-space quartering when a step stalls
-bounds the worst case. An answer among the 64 largest elements below hi is finished by a
-two-level top_k (row maxima, then the gathered rows).
+count(|g| ≥ hi) is narrowed until it holds one key. Each narrowing step is one pass over the
+data: per leaf, one variadic `lax.reduce` that counts the keys at or above 8 pivots and finds
+the bracket's largest and smallest element (never a gather or a sort of the data). The first
+pivots come from a small strided sample, later ones from interpolating the exact counts, with
+key-space splitting when a pass stalls; at 10M coordinates a search takes 3-7 passes. On
+sharded leaves the search runs in a `shard_map`: per-device partial counts are combined
+across leaves and all-reduced once per pass, a few scalars.
 
 References:
   Pan & Li, Toward Understanding Why Adam Converges Faster Than SGD for Transformers, 2023
@@ -23,7 +22,6 @@ References:
 
 from __future__ import annotations
 
-import functools
 import math
 import numbers
 from typing import Any, NamedTuple, Sequence
@@ -43,19 +41,24 @@ __all__ = [
     "validate_fraction",
 ]
 
-# Target size of the strided sample that seeds the first bracket. Its sort is the only sort in
-# the selection; 16K elements sort in a few milliseconds on a CPU core.
+# Pivots counted per pass over the data. A pass is one variadic reduction per leaf, and XLA on
+# CPU runs a reduction of several operands as one vectorised loop: 8 integer compares plus the
+# extremes cost about as much as reading |g| once (6 ms at 10M coordinates on 2 cores), while a
+# single-operand integer reduction is not vectorised (28 ms) and a stacked (P, ...) reduction
+# reads the data once per pivot.
+_PIVOTS = 8
+# Target size of the strided sample that seeds the first pass. Its sort is the only sort in the
+# selection; 16K elements sort in a few milliseconds on a CPU core.
 _SAMPLE_SIZE = 16384
 # Sample ranks of the first pivots, in standard deviations of the sample quantile around k.
-_SAMPLE_Z = (-4.0, -1.0, 1.0, 4.0)
-# Later pivots: count targets k + spread · these (see _interpolated_pivots), with
+_SAMPLE_Z = (-4.0, -2.0, -1.0, -0.3, 0.3, 1.0, 2.0, 4.0)
+# Later pivots: count targets k + spread · these (see _next_pivots), with
 # spread = width · _SPREAD_LINEAR + sqrt(width) · _SPREAD_NOISE + 1.
-_INTERP_SPREADS = (1.0, -1.0)
+_INTERP_Z = (-3.0, -1.0, -0.4, -0.1, 0.1, 0.4, 1.0, 3.0)
 _SPREAD_LINEAR = 1 / 256
 _SPREAD_NOISE = 1.0
-# A bracket whose answer is among its _TOP_K largest elements is finished by a two-level top_k.
-_TOP_K = 64
-_MAX_STEPS = 200
+# A safety net only: key-space splitting alone ends a search in 22 passes (float32).
+_MAX_PASSES = 100
 
 
 def validate_fraction(value: Any, name: str) -> Any:
@@ -91,21 +94,15 @@ class _Bits(NamedTuple):
   """Constants of the float format that the keys are read in."""
   float_dtype: Any
   key_dtype: Any
-  precision: int  # significand bits including the implicit one (24 for float32)
-  bias: int
-  max_exp: int
-  inf_key: int
-  min_fast_key: int  # key of 2^(precision - max_exp + 2): see _below_indicator
-  one_key: int  # key of 1.0
+  inf_key: int  # key of +inf; finite |g| lie below it, NaN above
 
 
 def _bits_for(dtypes: Sequence[Any]) -> _Bits:
   # bfloat16 and float16 widen to float32 exactly, so float32 keys order all of them; float64
   # (with jax_enable_x64) needs 64-bit keys.
   if any(jnp.dtype(d) == jnp.float64 for d in dtypes):
-    return _Bits(jnp.float64, jnp.int64, 53, 1023, 1024, 0x7FF0000000000000, 54 << 52,
-                 0x3FF0000000000000)
-  return _Bits(jnp.float32, jnp.int32, 24, 127, 128, 0x7F800000, 25 << 23, 0x3F800000)
+    return _Bits(jnp.float64, jnp.int64, 0x7FF0000000000000)
+  return _Bits(jnp.float32, jnp.int32, 0x7F800000)
 
 
 def _key_to_value(key, bits: _Bits):
@@ -114,37 +111,6 @@ def _key_to_value(key, bits: _Bits):
 
 def _value_to_key(value, bits: _Bits):
   return jax.lax.bitcast_convert_type(value.astype(bits.float_dtype), bits.key_dtype)
-
-
-def _below_indicator(a, pivot_keys, bits: _Bits):
-  """1.0 where a < pivot, 0.0 where a >= pivot, for finite a >= 0; exact and compare-free.
-
-  Shapes: a (...), pivot_keys (P,) -> (P, ...). XLA on CPU vectorises float min/mul/add
-  reductions but not compare/select or integer ones (measured 2-3x slower), so the comparison
-  is arithmetic: t - min(a, t) is zero exactly when a >= t and otherwise at least 2^(e - p)
-  for t in [2^e, 2^(e+1)); scaling it by 2^(p - e) and capping at 1 gives the indicator.
-  Exact for pivots t >= 2^(p - max_exp + 2) (``bits.min_fast_key``, 2^-102 in float32):
-  there 2^(e - p) is a normal number (CPUs flush subnormals to zero) and the scale is finite.
-  Callers count smaller pivots on the integer keys.
-  """
-  pivot_keys = pivot_keys.astype(bits.key_dtype)
-  exponent = (pivot_keys >> (bits.precision - 1)).astype(jnp.int32) - bits.bias
-  scale = jnp.ldexp(jnp.ones((), bits.float_dtype), bits.precision - exponent)
-  expand = (slice(None),) + (None,) * a.ndim
-  t = _key_to_value(pivot_keys, bits)[expand]
-  return jnp.minimum((t - jnp.minimum(a[None], t)) * scale[expand], 1)
-
-
-def _exact_counts(indicator) -> jax.Array:
-  """Sums a (P, ...) 0/1 float array over all but the first axis, exactly, as int32."""
-  axes = tuple(range(1, indicator.ndim))
-  per_row = indicator[0].size
-  limit = 2 ** 24 if indicator.dtype == jnp.float32 else 2 ** 53
-  if per_row < limit:
-    return jnp.sum(indicator, axis=axes).astype(jnp.int32)
-  if indicator.ndim >= 3 and indicator.shape[-1] < limit:
-    return jnp.sum(jnp.sum(indicator, axis=-1).astype(jnp.int32), axis=axes[:-1])
-  return jnp.sum(indicator.astype(jnp.int32), axis=axes)
 
 
 class _Across(NamedTuple):
@@ -180,26 +146,19 @@ _UNSHARDED = _Across()
 
 class _Problem(NamedTuple):
   """One selection problem: leaves split into groups, each group with its own k."""
-  raw_leaves: list  # the floating leaves as given; |g| is taken inside every pass (fused)
+  leaves: list  # the floating leaves as given; |g| and its key are taken inside every pass
   group_of_leaf: list  # static group index per leaf
   num_groups: int
-  k: jax.Array  # (G,) int32, 1 <= k <= n (k = 0 marks a group with no finite coordinate)
-  n: jax.Array  # (G,) int32 finite coordinates per group
+  sizes: jax.Array  # (G,) int32 coordinates per group (global ones under sharding)
+  k_static: jax.Array  # (G,) int32 k when every coordinate is finite
+  fraction: Any
   bits: _Bits
-  gather_ok: bool  # False for sharded leaves: no top_k or sample gather, only reductions
-  finite_only: bool  # True when every entry is known to be finite
+  gather_ok: bool  # False for sharded leaves: no sample gather, only reductions
   across: _Across = _UNSHARDED
 
-  def magnitude(self, raw):
-    """|g| in the key float dtype, non-finite entries zeroed."""
-    if self.finite_only:
-      return jnp.abs(raw).astype(self.bits.float_dtype)
-    return jnp.where(jnp.isfinite(raw), jnp.abs(raw), 0).astype(self.bits.float_dtype)
-
-  @property
-  def leaves(self):
-    """`magnitude` of every leaf; recomputed (fused) per pass, never stored."""
-    return [self.magnitude(l) for l in self.raw_leaves]
+  def k_for(self, n):
+    """k = ceil(fraction · n) for the finite counts n (the static k when all are finite)."""
+    return jnp.where(n == self.sizes, self.k_static, _top_count(self.fraction, n, None))
 
 
 def _group_combine(per_leaf: list, problem: _Problem, combine, fill):
@@ -210,203 +169,77 @@ def _group_combine(per_leaf: list, problem: _Problem, combine, fill):
   """
   if combine is jnp.add:
     per_leaf = problem.across.weighted(per_leaf)
-  table = _local_group_combine(per_leaf, problem, combine, fill)
-  return problem.across.sum(table) if combine is jnp.add else problem.across.max(table)
-
-
-def _local_group_combine(per_leaf: list, problem: _Problem, combine, fill):
   rows = [None] * problem.num_groups
   for value, group in zip(per_leaf, problem.group_of_leaf):
     rows[group] = value if rows[group] is None else combine(rows[group], value)
   width = per_leaf[0].shape[0] if per_leaf else 1
-  return jnp.stack([r if r is not None else jnp.full((width,), fill) for r in rows])
+  table = jnp.stack([r if r is not None else jnp.full((width,), fill) for r in rows])
+  return problem.across.sum(table) if combine is jnp.add else problem.across.max(table)
 
 
-def _keys(problem: _Problem, raw):
-  return _value_to_key(problem.magnitude(raw), problem.bits)
+def _keys(bits: _Bits, raw):
+  """Keys of |g|: NaN above inf_key, ±inf at it, finite values below."""
+  return _value_to_key(jnp.abs(raw), bits)
 
 
-# Chunk length of `_reduce_in_chunks` (16 KiB of float32).
-_CHUNK = 1 << 12
+def _count_pass(problem: _Problem, pivots, lo, hi):
+  """One pass over the data, per group: counts of |g| >= each pivot among the finite entries,
+  the number of non-finite entries, the largest key below hi and the smallest finite key at
+  or above lo. Shapes: pivots (G, P), lo and hi (G,) -> (G, P), (G,), (G,), (G,).
 
-
-def _reduce_in_chunks(raw, reduce_chunk, combine):
-  """``reduce_chunk`` over fixed-size pieces of the flattened leaf, combined in a loop.
-
-  For passes XLA cannot fuse into their reduction on CPU (integer compares and selects): it
-  would store a full-size intermediate per leaf, and its scheduler keeps every leaf's alive
-  at once. Chunked, a pass holds one chunk's intermediates per leaf.
-  """
-  flat = raw.reshape(-1)
-  full = flat.shape[0] // _CHUNK
-  if not full:
-    return reduce_chunk(flat)
-  result = jax.lax.fori_loop(
-      1, full, lambda i, acc: combine(acc, reduce_chunk(
-          jax.lax.dynamic_slice_in_dim(flat, i * _CHUNK, _CHUNK))), reduce_chunk(flat[:_CHUNK]))
-  if flat.shape[0] % _CHUNK:
-    result = combine(result, reduce_chunk(flat[full * _CHUNK:]))
-  return result
-
-
-def _count_ge(problem: _Problem, pivots) -> jax.Array:
-  """Exact count of |g| >= pivot per group: pivots (G, P) keys -> (G, P) int32.
-
-  The fast branch compares in float arithmetic (`_below_indicator`), exact for pivots of at
-  least 2^-102 (float32). Smaller pivots (a tiny, subnormal or zero threshold, rare) are
-  counted by comparing the integer keys instead: exact, but not vectorised by XLA on CPU.
+  Exact integer comparisons on the keys (subnormals, zeros and NaN need no special case).
+  Every leaf is one `lax.reduce` over P + 3 operands; XLA fuses the compares into it, so no
+  full-size intermediate is stored.
   """
   bits = problem.bits
-
-  def by_values():
-    return [leaf.size - _exact_counts(_below_indicator(leaf, pivots[group], bits))
-            for leaf, group in zip(problem.leaves, problem.group_of_leaf)]
-
-  def by_keys():
-    def count(chunk, group):
-      return jnp.sum(_keys(problem, chunk)[None] >= pivots[group][:, None], axis=1,
-                     dtype=jnp.int32)
-    return [_reduce_in_chunks(raw, functools.partial(count, group=group), jnp.add)
-            for raw, group in zip(problem.raw_leaves, problem.group_of_leaf)]
-
-  if not problem.finite_only:  # masking NaN/Inf is a select: unfusable, so chunked keys
-    return _group_combine(by_keys(), problem, jnp.add, 0)
-  tiny = jnp.any(pivots < bits.min_fast_key)
-  per_leaf = jax.lax.cond(tiny, by_keys, by_values)
-  return _group_combine(per_leaf, problem, jnp.add, 0)
-
-
-def _snap(problem: _Problem, lo, hi):
-  """Largest key below hi and smallest key at or above lo, per group (max reductions).
-
-  When every lo is at least 2^-102 (float32), float arithmetic (vectorised, fused) is exact
-  (see `_below_indicator`); otherwise the integer keys are compared (see `_count_ge`).
-  Both extremes come from one max over a stacked (2, ...) expression: two reductions of the
-  same |g| would make XLA store |g| between them.
-  """
-  bits = problem.bits
+  num_pivots = pivots.shape[1]
   inf_key = jnp.asarray(bits.inf_key, bits.key_dtype)
 
-  def combine(per_leaf):  # per leaf: (largest, -smallest)
-    table = _group_combine(per_leaf, problem, jnp.maximum, -inf_key)
-    return table[:, 0], -table[:, 1]
+  def add_max_min(x, y):
+    sums = tuple(a + b for a, b in zip(x[:num_pivots + 1], y[:num_pivots + 1]))
+    return sums + (jnp.maximum(x[-2], y[-2]), jnp.minimum(x[-1], y[-1]))
 
-  def by_values():
-    big = jnp.finfo(bits.float_dtype).max
-    per_leaf = []
-    for leaf, group in zip(problem.leaves, problem.group_of_leaf):
-      below = _below_indicator(leaf, jnp.stack([hi[group], lo[group]]), bits)
-      expand = (slice(None),) + (None,) * leaf.ndim
-      # Row 0: a·[a < hi], whose max is the largest element below hi (0 if none).
-      # Row 1: -a - big·[a < lo], whose max is minus the smallest element >= lo.
-      sign = jnp.asarray([0, -1], bits.float_dtype)[expand]
-      slope = jnp.asarray([1, 0], bits.float_dtype)[expand]
-      offset = jnp.asarray([0, -big], bits.float_dtype)[expand]
-      rows = sign * leaf[None] + (slope * leaf[None] + offset) * below
-      extremes = jnp.max(rows, axis=tuple(range(1, rows.ndim)), initial=-jnp.inf)
-      per_leaf.append(jnp.stack([_value_to_key(extremes[0], bits),
-                                 -_value_to_key(-extremes[1], bits)]))
-    return combine(per_leaf)
-
-  def by_keys():
-    def extremes(chunk, group):
-      keys = _keys(problem, chunk)
-      # Non-finite entries read as zero keys; they must not pose as the smallest element.
-      at_least_lo = keys >= lo[group]
-      if not problem.finite_only:
-        at_least_lo = at_least_lo & jnp.isfinite(chunk)
-      rows = jnp.stack([jnp.where(keys < hi[group], keys, 0),
-                        -jnp.where(at_least_lo, keys, inf_key)])
-      return jnp.max(rows, axis=1, initial=-inf_key)
-    return combine([_reduce_in_chunks(raw, functools.partial(extremes, group=group), jnp.maximum)
-                    for raw, group in zip(problem.raw_leaves, problem.group_of_leaf)])
-
-  if not problem.finite_only:
-    largest, smallest = by_keys()
-  else:
-    fast = jnp.all(lo >= bits.min_fast_key)
-    largest, smallest = jax.lax.cond(fast, by_values, by_keys)
-  return largest.astype(bits.key_dtype), smallest.astype(bits.key_dtype)
+  init = ((jnp.zeros((), jnp.int32),) * (num_pivots + 1)
+          + (jnp.zeros((), bits.key_dtype), inf_key))
+  counts, extremes = [], []
+  for raw, group in zip(problem.leaves, problem.group_of_leaf):
+    key = _keys(bits, raw)
+    finite = key < inf_key
+    operands = tuple((key >= pivots[group, p]).astype(jnp.int32) for p in range(num_pivots))
+    operands += ((~finite).astype(jnp.int32), jnp.where(key < hi[group], key, 0),
+                 jnp.where(finite & (key >= lo[group]), key, inf_key))
+    out = jax.lax.reduce(operands, init, add_max_min, tuple(range(key.ndim)))
+    counts.append(jnp.stack(out[:num_pivots + 1]))
+    extremes.append(jnp.stack([out[-2], -out[-1]]))  # both maximised: largest, -smallest
+  counts = _group_combine(counts, problem, jnp.add, 0)
+  extremes = _group_combine(extremes, problem, jnp.maximum, -inf_key)
+  non_finite = counts[:, -1]
+  return counts[:, :-1] - non_finite[:, None], non_finite, extremes[:, 0], -extremes[:, 1]
 
 
-def _row_view(leaf):
-  """A free (rows, length) view of a leaf for the two-level top_k of `_top_below`.
-
-  The finish gathers _TOP_K rows and takes the per-leaf maxima of all rows, so rows of about
-  sqrt(size / _TOP_K) elements balance the two; any divisor of the size near that works
-  because a row-major reshape is only a relabelling. Without one, the last axis serves.
-  """
-  size = leaf.size
-  target = max(1.0, math.sqrt(size / _TOP_K))
-  divisors = [d for d in range(max(1, int(target / 8)), int(target * 8) + 1) if size % d == 0]
-  if divisors:
-    length = min(divisors, key=lambda d: abs(math.log(d / target)))
-  elif leaf.ndim >= 2:
-    length = leaf.shape[-1]
-  else:
-    length = size
-  return leaf.reshape(-1, length)
-
-
-def _top_below(problem: _Problem, hi, r):
-  """Key of the r-th largest element below hi per group (r <= _TOP_K), in two levels.
-
-  A full top_k per leaf needs a materialised masked copy of every leaf (and costs about
-  four counting passes on CPU). Instead one fused pass takes the largest element below hi
-  of every row; the _TOP_K rows with the largest such maxima hold the _TOP_K largest
-  elements below hi (ties included: every chosen row with maximum v contributes a v), so
-  a top_k over those gathered rows is exact. Comparisons in top_k may treat subnormals as
-  zero, so the caller only uses this when the answer is a normal number.
-  """
-  bits = problem.bits
-  candidates = [[] for _ in range(problem.num_groups)]
-  for raw, group in zip(problem.raw_leaves, problem.group_of_leaf):
-    if not raw.size:
-      continue
-    # |g| is recomputed from the raw rows on both levels so that it is never stored.
-    raw_rows = _row_view(raw)
-    rows = problem.magnitude(raw_rows)
-    below = _below_indicator(rows, hi[group][None], bits)[0]
-    row_max = jnp.max(rows * below, axis=1)  # 0 for rows without an element below hi
-    chosen = jax.lax.top_k(row_max, min(_TOP_K, row_max.shape[0]))[1]
-    gathered = problem.magnitude(raw_rows[chosen])
-    # Zeros never displace real candidates: every element is >= 0.
-    masked = jnp.where(gathered < _key_to_value(hi[group], bits), gathered, 0).ravel()
-    candidates[group].append(jax.lax.top_k(masked, min(_TOP_K, masked.size))[0])
-  answers = []
-  for group in range(problem.num_groups):
-    if not candidates[group]:
-      answers.append(jnp.zeros((), bits.key_dtype))
-      continue
-    merged = jnp.concatenate(candidates[group])
-    top = jax.lax.top_k(merged, min(_TOP_K, merged.size))[0]
-    answers.append(_value_to_key(top[jnp.clip(r[group] - 1, 0, top.shape[0] - 1)], bits))
-  return jnp.stack(answers)
-
-
-def _moment_pivots(problem: _Problem):
+def _moment_pivots(problem: _Problem, q):
   """First pivots without a sample (sharded leaves): multiples of the mean |g| per group.
 
   Gathering a sample across devices would cost more communication than the whole search;
-  the mean needs one scalar all-reduce. Later steps interpolate from the exact counts.
+  the mean needs one scalar all-reduce. Later passes interpolate from the exact counts.
   """
   bits = problem.bits
   sums = _group_combine(
-      [_reduce_in_chunks(raw, lambda c: jnp.sum(problem.magnitude(c))[None], jnp.add)
-       for raw in problem.raw_leaves], problem, jnp.add, 0)
-  mean = sums[:, 0] / jnp.maximum(problem.n, 1)
-  q = problem.k.astype(jnp.float32) / jnp.maximum(problem.n, 1)
+      [jnp.sum(jnp.where(jnp.isfinite(l), jnp.abs(l), 0).astype(jnp.float32))[None]
+       for l in problem.leaves], problem, jnp.add, 0)
+  mean = sums[:, 0] / jnp.maximum(problem.sizes, 1)
   # Heavier tails and smaller q push the k-th largest above the mean.
   centre = mean * (1 - jnp.log(jnp.clip(q, 1e-7, 1.0)))
-  multipliers = jnp.asarray([0.125, 0.5, 2.0, 8.0], bits.float_dtype)
-  return _value_to_key(centre[:, None].astype(bits.float_dtype) * multipliers[None], bits)
+  multipliers = jnp.asarray(np.geomspace(1 / 16, 16, _PIVOTS), jnp.float32)
+  return _value_to_key((centre[:, None] * multipliers[None]).astype(bits.float_dtype), bits)
 
 
-def _sample_pivots(problem: _Problem):
+def _first_pivots(problem: _Problem):
   """Pivots per group bracketing the k-th largest of a strided sample of each group."""
   bits = problem.bits
+  q = problem.k_static.astype(jnp.float32) / jnp.maximum(problem.sizes, 1)
   if not problem.gather_ok:
-    return _moment_pivots(problem)
+    return _moment_pivots(problem, q)
   members = [[] for _ in range(problem.num_groups)]
   total = sum(leaf.size for leaf in problem.leaves)
   for leaf, group in zip(problem.leaves, problem.group_of_leaf):
@@ -420,77 +253,30 @@ def _sample_pivots(problem: _Problem):
     if leaf.ndim and leaf.size > share:
       stride = min(leaf.shape[axis], max(1, leaf.size // share))
       sample = jax.lax.slice_in_dim(leaf, 0, leaf.shape[axis], stride, axis)
-    members[group].append(jnp.ravel(sample))
+    key = _keys(bits, jnp.ravel(sample))
+    members[group].append(jnp.where(key < bits.inf_key, key, 0))  # non-finite: least
   pivots = []
   for group in range(problem.num_groups):
     if not members[group]:
-      pivots.append(jnp.zeros((len(_SAMPLE_Z),), bits.key_dtype))
+      pivots.append(jnp.zeros((_PIVOTS,), bits.key_dtype))
       continue
     sample = jnp.sort(jnp.concatenate(members[group]))[::-1]
     size = sample.shape[0]
-    q = problem.k[group].astype(jnp.float32) / jnp.maximum(problem.n[group], 1)
-    sigma = jnp.sqrt(size * q * (1 - q)) + 1
-    ranks = q * size + jnp.asarray(_SAMPLE_Z) * sigma
-    index = jnp.clip(jnp.round(ranks).astype(jnp.int32), 0, size - 1)
-    pivots.append(_value_to_key(sample[index], bits))
+    sigma = jnp.sqrt(size * q[group] * (1 - q[group])) + 1
+    ranks = q[group] * size + jnp.asarray(_SAMPLE_Z) * sigma
+    pivots.append(sample[jnp.clip(jnp.round(ranks).astype(jnp.int32), 0, size - 1)])
   return jnp.stack(pivots)
 
 
-def _interpolated_pivots(problem: _Problem, s: "_LoopState"):
-  """Pivots where the counts, linearly interpolated in value, cross k ± a spread.
-
-  Inside a narrow bracket the count is close to linear in the value; the error is a small
-  fraction of the bracket plus the counting noise of its elements, ~sqrt(width).
-  """
-  bits = problem.bits
-  k = problem.k.astype(jnp.float32)
-  width = jnp.maximum(s.c_lo - s.c_hi, 1).astype(jnp.float32)
-  spread = width * _SPREAD_LINEAR + _SPREAD_NOISE * jnp.sqrt(width) + 1
-  targets = k[:, None] + spread[:, None] * jnp.asarray(_INTERP_SPREADS)[None]
-  fractions = jnp.clip((s.c_lo[:, None] - targets) / width[:, None], 0.0, 1.0)
-  lo_value = _key_to_value(s.lo, bits).astype(jnp.float32)
-  hi_value = _key_to_value(s.hi, bits).astype(jnp.float32)
-  values = lo_value[:, None] + (hi_value - lo_value)[:, None] * fractions
-  interp = _value_to_key(values.astype(bits.float_dtype), bits)
-  # Key-space quartering bounds the worst case: without a finite upper bound, when the last
-  # count step did not halve the bracket, and when few keys are left.
-  span = s.hi - s.lo
-  count = len(_INTERP_SPREADS)
-  quarters = s.lo[:, None] + (span[:, None] // (count + 1)) * jnp.arange(
-      1, count + 1, dtype=span.dtype)[None]
-  stalled = (s.c_lo - s.c_hi) * 2 > s.width_before_count
-  use_quarters = stalled | ~jnp.isfinite(hi_value) | (span <= 64)
-  pivots = jnp.where(use_quarters[:, None], quarters, interp)
-  return jnp.clip(pivots, (s.lo + 1)[:, None], (s.hi - 1)[:, None])
-
-
-def _update_bracket(problem: _Problem, s: "_LoopState", pivots, counts) -> "_LoopState":
-  """Moves lo up to the highest pivot with count >= k and hi down to the lowest with < k."""
-  k = problem.k[:, None]
-  key_dtype = s.lo.dtype
-  inf_key = jnp.asarray(problem.bits.inf_key, key_dtype)
-  ge = counts >= k
-  new_lo = jnp.max(jnp.where(ge, pivots, jnp.zeros((), key_dtype)), axis=1)
-  new_hi = jnp.min(jnp.where(ge, inf_key, pivots), axis=1)
-  c_at_new_lo = jnp.max(jnp.where(ge & (pivots == new_lo[:, None]), counts, -1), axis=1)
-  c_at_new_hi = jnp.max(jnp.where(~ge & (pivots == new_hi[:, None]), counts, -1), axis=1)
-  raise_lo = (new_lo > s.lo) & s.active
-  lower_hi = (new_hi < s.hi) & s.active
-  return s._replace(
-      lo=jnp.where(raise_lo, new_lo, s.lo), hi=jnp.where(lower_hi, new_hi, s.hi),
-      c_lo=jnp.where(raise_lo, c_at_new_lo, s.c_lo),
-      c_hi=jnp.where(lower_hi, c_at_new_hi, s.c_hi),
-      width_before_count=jnp.where(s.active, s.c_lo - s.c_hi, s.width_before_count),
-      just_snapped=jnp.zeros((), bool))
-
-
-class _LoopState(NamedTuple):
+class _SearchState(NamedTuple):
   lo: jax.Array  # (G,) keys with count(|g| >= lo) = c_lo >= k
   hi: jax.Array  # (G,) keys with count(|g| >= hi) = c_hi < k
   c_lo: jax.Array
   c_hi: jax.Array
-  width_before_count: jax.Array  # bracket width (elements) before the last count step
-  just_snapped: jax.Array
+  n: jax.Array  # (G,) finite coordinates, counted by the first pass
+  k: jax.Array
+  pivots: jax.Array  # (G, P) keys for the next pass
+  width_before: jax.Array  # (G,) c_lo - c_hi before the last pass
   step: jax.Array
 
   @property
@@ -498,67 +284,102 @@ class _LoopState(NamedTuple):
     return (self.hi - self.lo) > 1
 
 
-def _finish(s: _LoopState, solved, answer) -> _LoopState:
+def _solve(s: _SearchState, solved, answer) -> _SearchState:
   return s._replace(lo=jnp.where(solved, answer, s.lo), hi=jnp.where(solved, answer + 1, s.hi))
 
 
-def _select(problem: _Problem) -> jax.Array:
-  """Key of the k-th largest element per group (the inf key for groups without elements)."""
+def _narrow(s: _SearchState, counts, largest, smallest) -> _SearchState:
+  """The bracket after a pass: lo up to the highest pivot with count >= k, hi down to the
+  lowest with count < k, then both onto the extremes of the old bracket's elements."""
+  active = s.active
+  k = s.k[:, None]
+  key_dtype = s.lo.dtype
+  ge = counts >= k
+  from_lo = jnp.max(jnp.where(ge, s.pivots, s.lo[:, None]), axis=1)
+  from_hi = jnp.min(jnp.where(ge, s.hi[:, None], s.pivots), axis=1)
+  c_lo = jnp.max(jnp.where(ge & (s.pivots == from_lo[:, None]), counts, -1), axis=1)
+  c_hi = jnp.max(jnp.where(~ge & (s.pivots == from_hi[:, None]), counts, -1), axis=1)
+  c_lo = jnp.where(from_lo > s.lo, c_lo, s.c_lo)
+  c_hi = jnp.where(from_hi < s.hi, c_hi, s.c_hi)
+  # No element of the old bracket lies in [old lo, smallest) or in (largest, old hi), so
+  # moving the ends there keeps both counts.
+  lo = jnp.maximum(from_lo, smallest)
+  hi = jnp.minimum(from_hi, (largest + 1).astype(key_dtype))
+  new = s._replace(lo=jnp.where(active, lo, s.lo), hi=jnp.where(active, hi, s.hi),
+                   c_lo=jnp.where(active, c_lo, s.c_lo), c_hi=jnp.where(active, c_hi, s.c_hi),
+                   width_before=jnp.where(active, s.c_lo - s.c_hi, s.width_before))
+  # The answer is the bracket's largest element when r == 1, its smallest when r == width.
+  r = new.k - new.c_hi
+  top = active & (r == 1) & (new.hi == largest + 1)
+  bottom = active & (r == new.c_lo - new.c_hi) & (new.lo == smallest)
+  return _solve(new, top | bottom, jnp.where(top, largest, smallest))
+
+
+def _next_pivots(problem: _Problem, s: _SearchState):
+  """Pivots where the counts, linearly interpolated in value, cross k ± a spread.
+
+  Inside a narrow bracket the count is close to linear in the value; the error is a small
+  fraction of the bracket plus the counting noise of its elements, ~sqrt(width). Key-space
+  splitting bounds the worst case: when the last pass did not halve the bracket, without a
+  finite upper bound, and when few keys are left.
+  """
+  bits = problem.bits
+  k = s.k.astype(jnp.float32)
+  width = jnp.maximum(s.c_lo - s.c_hi, 1).astype(jnp.float32)
+  spread = width * _SPREAD_LINEAR + _SPREAD_NOISE * jnp.sqrt(width) + 1
+  targets = k[:, None] + spread[:, None] * jnp.asarray(_INTERP_Z, jnp.float32)[None]
+  fractions = jnp.clip((s.c_lo[:, None] - targets) / width[:, None], 0.0, 1.0)
+  lo_value = _key_to_value(s.lo, bits)
+  hi_value = _key_to_value(s.hi, bits)
+  values = lo_value[:, None] + (hi_value - lo_value)[:, None] * fractions.astype(
+      bits.float_dtype)
+  interpolated = _value_to_key(values, bits)
+  span = s.hi - s.lo
+  parts = _PIVOTS + 1
+  j = jnp.arange(1, parts, dtype=span.dtype)[None]
+  # lo + floor(span · j / parts) without overflow
+  split = s.lo[:, None] + (span // parts)[:, None] * j + ((span % parts)[:, None] * j) // parts
+  stalled = (s.c_lo - s.c_hi) * 2 > s.width_before
+  use_split = stalled | ~jnp.isfinite(hi_value) | (span <= 4 * parts)
+  pivots = jnp.where(use_split[:, None], split, interpolated)
+  return jnp.clip(pivots, (s.lo + 1)[:, None], (s.hi - 1)[:, None])
+
+
+def _search(problem: _Problem) -> _SearchState:
+  """The final search state: lo is the key of the k-th largest finite |g| per group (the inf
+  key for groups without one), step the number of passes.
+
+  Each loop iteration is one `_count_pass`. The first also counts the finite entries (and so
+  fixes k); groups without any finish at once.
+  """
   bits = problem.bits
   G = problem.num_groups
-  empty = problem.k <= 0
-  state = _LoopState(
-      lo=jnp.zeros((G,), bits.key_dtype), hi=jnp.full((G,), bits.inf_key, bits.key_dtype),
-      c_lo=problem.n, c_hi=jnp.zeros((G,), jnp.int32), width_before_count=problem.n,
-      just_snapped=jnp.zeros((), bool), step=jnp.zeros((), jnp.int32))
-  pivots = jnp.clip(_sample_pivots(problem), (state.lo + 1)[:, None],
-                    (state.hi - 1)[:, None])
-  state = _update_bracket(problem, state, pivots, _count_ge(problem, pivots))
-  # Groups without finite coordinates finish at once: τ = +inf, nothing is clipped.
-  state = _finish(state, empty, jnp.full((G,), bits.inf_key, bits.key_dtype))
-
-  def top_k_step(s):
-    r = problem.k - s.c_hi
-    answer = _top_below(problem, s.hi, r)
-    return _finish(s, s.active & (r <= _TOP_K), answer)._replace(step=s.step + 1)
-
-  def snap_step(s):
-    # The bracket's largest element is the answer when r == 1, its smallest when r == width,
-    # and either when they are equal; otherwise the bracket shrinks to [smallest, largest].
-    largest, smallest = _snap(problem, s.lo, s.hi)
-    r = problem.k - s.c_hi
-    width = s.c_lo - s.c_hi
-    solved = s.active & ((r == 1) | (r == width) | (largest == smallest))
-    answer = jnp.where(r == width, smallest, largest)
-    snapped = s._replace(lo=jnp.where(s.active, smallest, s.lo),
-                         hi=jnp.where(s.active, largest + 1, s.hi))
-    return _finish(snapped, solved, answer)._replace(
-        just_snapped=jnp.ones((), bool), step=s.step + 1)
-
-  def count_step(s):
-    pivots = _interpolated_pivots(problem, s)
-    s = _update_bracket(problem, s, pivots, _count_ge(problem, pivots))
-    return s._replace(step=s.step + 1)
+  inf_key = jnp.asarray(bits.inf_key, bits.key_dtype)
+  zeros = jnp.zeros((G,), jnp.int32)
+  state = _SearchState(
+      lo=jnp.zeros((G,), bits.key_dtype), hi=jnp.full((G,), inf_key), c_lo=problem.sizes,
+      c_hi=zeros, n=problem.sizes, k=problem.k_static,
+      pivots=jnp.clip(_first_pivots(problem), 1, inf_key - 1), width_before=problem.sizes,
+      step=jnp.zeros((), jnp.int32))
 
   def body(s):
-    r = problem.k - s.c_hi
-    width = s.c_lo - s.c_hi
-    wants_snap = s.active & ~s.just_snapped & ((r == 1) | (r == width) | (width <= 4))
-    snap_or_count = lambda s: jax.lax.cond(jnp.any(wants_snap), snap_step, count_step, s)
-    # No top_k on a device's blocks, nor on the NaN/Inf path (its |g| would need a stored
-    # select, see _count_ge).
-    if not (problem.gather_ok and problem.finite_only):
-      return snap_or_count(s)
-    # The two-level top_k finishes every group whose answer is among the _TOP_K largest
-    # elements below hi (and is a normal number, see _top_below; lo >= 2^-102 implies both
-    # that and exact float comparisons).
-    ready = ~s.active | ((r <= _TOP_K) & (s.lo >= bits.min_fast_key))
-    return jax.lax.cond(jnp.all(ready), top_k_step, snap_or_count, s)
+    # Tied to the loop counter, the leaves are not loop-invariant: XLA would otherwise hoist
+    # their keys out of the loop and store them, a full-size copy of every leaf.
+    leaves, _ = jax.lax.optimization_barrier((problem.leaves, s.step))
+    counts, non_finite, largest, smallest = _count_pass(
+        problem._replace(leaves=leaves), s.pivots, s.lo, s.hi)
+    first = s.step == 0
+    n = jnp.where(first, problem.sizes - non_finite, s.n)
+    s = s._replace(n=n, k=jnp.where(first, problem.k_for(n), s.k),
+                   c_lo=jnp.where(first, n, s.c_lo))
+    s = _solve(s, n == 0, inf_key)  # no finite coordinate: τ = +inf
+    s = _narrow(s, counts, largest, smallest)
+    return s._replace(pivots=_next_pivots(problem, s), step=s.step + 1)
 
   def cond(s):
-    return jnp.any(s.active) & (s.step < _MAX_STEPS)
+    return (s.step == 0) | (jnp.any(s.active) & (s.step < _MAX_PASSES))
 
-  return jax.lax.while_loop(cond, body, state).lo
+  return jax.lax.while_loop(cond, body, state)
 
 
 def _top_count(fraction, n, static_n: int | None):
@@ -596,115 +417,31 @@ def _is_sharded(x) -> bool:
 
 
 def _gather_ok(float_leaves, across: _Across) -> bool:
-  """Whether the search may sample and top_k the leaves: not for a device's blocks."""
+  """Whether the search may sample the leaves: not a device's blocks (see _moment_pivots)."""
   return not across.axes and not any(_is_sharded(l) for l in float_leaves)
 
 
-def _problem(float_leaves, fraction, per_leaf: bool, finite_only: bool,
-             across: _Across = _UNSHARDED) -> _Problem:
+def _problem(float_leaves, fraction, per_leaf: bool, across: _Across = _UNSHARDED) -> _Problem:
   bits = _bits_for([l.dtype for l in float_leaves])
   num_groups = len(float_leaves) if per_leaf else 1
   group_of_leaf = list(range(len(float_leaves))) if per_leaf else [0] * len(float_leaves)
   sizes = across.global_sizes(float_leaves)
   if max([sum(sizes)] + sizes) >= 2 ** 31 - 1:
     raise ValueError("clip_threshold: trees with 2^31 or more coordinates are not supported")
-  problem = _Problem(list(float_leaves), group_of_leaf, num_groups, None, None, bits,
-                     _gather_ok(float_leaves, across), finite_only, across)
-  if finite_only:
-    group_n = [0] * num_groups
-    for size, group in zip(sizes, group_of_leaf):
-      group_n[group] += size
-    k = jnp.stack([_top_count(fraction, n, n) for n in group_n]) if group_n else \
-        jnp.zeros((0,), jnp.int32)
-    n = jnp.asarray(group_n, jnp.int32)
-  else:
-    count = lambda chunk: jnp.sum(jnp.isfinite(chunk), dtype=jnp.int32)[None]
-    n = _group_combine([_reduce_in_chunks(l, count, jnp.add) for l in float_leaves],
-                       problem, jnp.add, 0)[:, 0]
-    k = jnp.stack([_top_count(fraction, n[g], None) for g in range(num_groups)])
-  return problem._replace(k=k, n=n)
-
-
-def _compact_select(float_leaves, fraction, per_leaf: bool, bits: _Bits,
-                    across: _Across = _UNSHARDED) -> jax.Array:
-  """Plain 16-ary search over the keys for small trees: exact, and cheap to compile.
-
-  Finds, per group, the largest key v with count(v <= key < inf) >= k in 8 passes over
-  [0, inf_key), each counting 15 pivots per leaf. Non-finite entries never count, so there is
-  no separate finite/non-finite branch to compile.
-  """
-  num_groups = len(float_leaves) if per_leaf else 1
-  group_of_leaf = list(range(len(float_leaves))) if per_leaf else [0] * len(float_leaves)
-  inf_key = jnp.asarray(bits.inf_key, bits.key_dtype)
-
-  def group_sums(per_leaf_values):  # one all-reduce across devices per call
-    sums = [jnp.zeros(jnp.shape(per_leaf_values[0]), jnp.int32) for _ in range(num_groups)]
-    for value, group in zip(across.weighted(per_leaf_values), group_of_leaf):
-      sums[group] = sums[group] + value
-    return across.sum(jnp.stack(sums))
-
-  n_finite = group_sums([jnp.sum(jnp.isfinite(l), dtype=jnp.int32) for l in float_leaves])
-  static_n = [0] * num_groups
-  for size, group in zip(across.global_sizes(float_leaves), group_of_leaf):
-    static_n[group] += size
-  all_finite = n_finite == jnp.asarray(static_n, jnp.int32)
-  k_static = jnp.stack([_top_count(fraction, n, n) for n in static_n])
-  k_counted = jnp.stack([_top_count(fraction, n_finite[g], None) for g in range(num_groups)])
-  k = jnp.where(all_finite, k_static, k_counted)
-
-  # 16-ary search: each pass counts 15 evenly spaced pivots, shrinking [lo, hi) 16-fold, so
-  # 8 passes cover the 2^31 keys (fewer, larger passes: on small trees the per-pass overhead
-  # is the cost, and under sharding each pass is one small all-reduce).
-  fractions = jnp.arange(1, 16, dtype=bits.key_dtype)
-
-  def narrow(_, bracket):
-    lo, hi = bracket
-    width = hi - lo
-    # lo + floor(width·j/16) without int32 overflow
-    pivots = (lo[:, None] + (width[:, None] >> 4) * fractions[None]
-              + (((width[:, None] & 15) * fractions[None]) >> 4))  # (G, 15)
-    # In chunks (see `_reduce_in_chunks`), keys taken per chunk: on whole leaves XLA stored
-    # the (size, 15) compares, 58 MiB and 155 ms at 1M coordinates.
-    def count(chunk, g):
-      key = _value_to_key(jnp.abs(chunk).astype(bits.float_dtype), bits)  # NaN: > inf_key
-      return jnp.sum((key[None] >= pivots[g][:, None]) & (key[None] < inf_key), axis=1,
-                     dtype=jnp.int32)
-    counts = group_sums([_reduce_in_chunks(leaf, functools.partial(count, g=g), jnp.add)
-                         for leaf, g in zip(float_leaves, group_of_leaf)])
-    enough = counts >= k[:, None]
-    new_lo = jnp.max(jnp.where(enough, pivots, lo[:, None]), axis=1)
-    new_hi = jnp.min(jnp.where(enough, hi[:, None], pivots), axis=1)
-    return new_lo, new_hi
-
-  lo = jnp.zeros((num_groups,), bits.key_dtype)
-  hi = jnp.full((num_groups,), bits.inf_key, bits.key_dtype)
-  lo, _ = jax.lax.fori_loop(0, 8, narrow, (lo, hi))
-  return _key_to_value(jnp.where(n_finite > 0, lo, inf_key), bits)
-
-
-# Trees up to this many coordinates use `_compact_select`, which compiles in about a second;
-# the sample-and-interpolate search takes 5-15 s to compile but runs faster on larger trees
-# (2 cores: about even at 200K coordinates, 8-12 vs 11 ms; 51 vs 16 ms at 1M). Larger
-# (float32/bfloat16/float16) trees take the search.
-_COMPACT_MAX_SIZE = 1 << 18
+  group_n = [0] * num_groups
+  for size, group in zip(sizes, group_of_leaf):
+    group_n[group] += size
+  k_static = jnp.stack([_top_count(fraction, n, n) for n in group_n])
+  return _Problem(list(float_leaves), group_of_leaf, num_groups, jnp.asarray(group_n, jnp.int32),
+                  k_static, fraction, bits, _gather_ok(float_leaves, across), across)
 
 
 def _threshold_keys(float_leaves, fraction, per_leaf: bool, across: _Across = _UNSHARDED):
   """Per-group thresholds as values of the key float dtype."""
   if not across.axes and any(_is_sharded(l) for l in float_leaves):
     return _sharded_threshold_keys(float_leaves, fraction, per_leaf)
-  bits = _bits_for([l.dtype for l in float_leaves])
-  total = sum(across.global_sizes(float_leaves))
-  if bits.float_dtype == jnp.float32 and total <= _COMPACT_MAX_SIZE:
-    return _compact_select(float_leaves, fraction, per_leaf, bits, across)
-  # sum(g * 0) is 0 exactly when every entry is finite: a cheap vectorised check that picks
-  # the fast path (static n) over the path that counts and masks non-finite entries.
-  all_finite = jnp.isfinite(across.sum(
-      sum(jnp.sum(l.astype(bits.float_dtype) * 0) for l in float_leaves)))
-  fast = lambda: _select(_problem(float_leaves, fraction, per_leaf, True, across))
-  slow = lambda: _select(_problem(float_leaves, fraction, per_leaf, False, across))
-  keys = jax.lax.cond(all_finite, fast, slow)
-  return _key_to_value(keys, bits)
+  problem = _problem(float_leaves, fraction, per_leaf, across)
+  return _key_to_value(_search(problem).lo, problem.bits)
 
 
 def _sharded_threshold_keys(float_leaves, fraction, per_leaf: bool):
@@ -743,6 +480,12 @@ def _sharded_threshold_keys(float_leaves, fraction, per_leaf: bool):
   return jax.shard_map(local, mesh=mesh, in_specs=(jax.sharding.PartitionSpec(),) + specs,
                        out_specs=jax.sharding.PartitionSpec(), check_vma=False)(
                            fraction_arg, *float_leaves)
+
+
+# Compiled once per tree structure (and static fraction), also when called eagerly: an eager
+# `lax.while_loop` would otherwise be traced and compiled again at every call.
+_threshold_static_fraction = jax.jit(_threshold_keys, static_argnums=(1, 2))
+_threshold_traced_fraction = jax.jit(_threshold_keys, static_argnums=(2,))
 
 
 def _output_dtype(float_leaves):
@@ -785,7 +528,10 @@ def clip_threshold(tree: Any, fraction: float | jax.Array, *, per_leaf: bool = F
     if per_leaf:
       return jax.tree.unflatten(treedef, [None] * len(leaves))
     return jnp.asarray(jnp.inf, jnp.float32)
-  values = _threshold_keys(float_leaves, fraction, per_leaf)
+  if isinstance(fraction, (jax.Array, jax.core.Tracer, np.ndarray)):
+    values = _threshold_traced_fraction(float_leaves, fraction, per_leaf)
+  else:
+    values = _threshold_static_fraction(float_leaves, float(fraction), per_leaf)
   if not per_leaf:
     return values[0].astype(_output_dtype(float_leaves))
   out = [None] * len(leaves)

@@ -60,7 +60,7 @@ class ThresholdTest(chex.TestCase):
       np.testing.assert_array_equal(np.float64(got.astype(jnp.float32)), want)
 
   def test_many_coordinates_take_the_fast_paths(self):
-    # Large enough for the sample bracket, interpolation and top_k finishing to all run.
+    # Large enough for the sample, interpolation and the extremes rules to all take part.
     rng = np.random.default_rng(2)
     tree = [jnp.asarray(rng.standard_t(2, size=(300, 200)).astype(np.float32))
             for _ in range(8)]
@@ -134,20 +134,32 @@ class ThresholdTest(chex.TestCase):
         optclip.coord_clip(bad)
 
 
-class SearchPathThresholdTest(ThresholdTest):
-  """The same checks on the sample-and-interpolate search that large trees take (small trees
-  normally take the plain bisection, `_compact_select`)."""
+class HardDistributionsTest(chex.TestCase):
+  """Trees that defeat the search's interpolation: clusters of near-ties, scales 10^±20,
+  large tie masses beside subnormals, NaN/Inf among many coordinates."""
 
-  def setUp(self):
-    super().setUp()
-    from optclip import clipping
-    self._saved = clipping._COMPACT_MAX_SIZE
-    clipping._COMPACT_MAX_SIZE = 0
-
-  def tearDown(self):
-    from optclip import clipping
-    clipping._COMPACT_MAX_SIZE = self._saved
-    super().tearDown()
+  def test_against_numpy_sort(self):
+    rng = np.random.default_rng(8)
+    threshold = jax.jit(lambda t, f, p: optclip.clip_threshold(t, f, per_leaf=p),
+                        static_argnums=(1, 2))
+    clustered = [jnp.asarray((1 + rng.integers(0, 5, size=(300, 50)) * 1e-6).astype(np.float32))
+                 for _ in range(3)]
+    scales = [jnp.asarray((rng.standard_normal((200, 100)) * 10.0 ** e).astype(np.float32))
+              for e in (-20, -3, 5, 20)]
+    tied = rng.standard_t(1.2, size=(300, 300)).astype(np.float32)
+    tied[rng.random(tied.shape) < 0.3] = 0.5
+    subnormal = (rng.standard_normal(777) * 1e-38).astype(np.float32)
+    with_nan = rng.standard_t(2, size=(400, 100)).astype(np.float32)
+    with_nan[rng.random(with_nan.shape) < 0.01] = np.nan
+    with_nan[0, :4] = [np.inf, -np.inf, np.nan, -0.0]
+    trees = [clustered, scales, [jnp.asarray(tied), jnp.asarray(subnormal)],
+             [jnp.asarray(with_nan), jnp.asarray(rng.standard_normal(5000), jnp.float32)]]
+    for tree in trees:
+      for fraction in (1e-4, 0.01, 0.1, 0.5, 0.9, 1.0):
+        np.testing.assert_array_equal(np.float64(threshold(tree, fraction, False)),
+                                      oracles.threshold(tree, fraction))
+        for got, leaf in zip(threshold(tree, fraction, True), tree):
+          np.testing.assert_array_equal(np.float64(got), oracles.threshold([leaf], fraction))
 
 
 class CoordClipTest(chex.TestCase):
@@ -254,10 +266,10 @@ class CoordClipTest(chex.TestCase):
 
 
 def test_gather_free_path_matches_numpy(monkeypatch):
-  """The selection used for sharded leaves (no top_k, no reshape) is exact too."""
+  """The selection used for sharded leaves (first pivots from the mean, no sample) is exact
+  too."""
   from optclip import clipping
   monkeypatch.setattr(clipping, "_gather_ok", lambda leaves, across: False)
-  monkeypatch.setattr(clipping, "_COMPACT_MAX_SIZE", 0)
   rng = np.random.default_rng(7)
   threshold = jax.jit(optclip.clip_threshold, static_argnums=1)
   trees = [_random_tree(rng) for _ in range(4)]
