@@ -383,16 +383,76 @@ def _search(problem: _Problem) -> _SearchState:
   return jax.lax.while_loop(cond, body, state)
 
 
+def _float64_top_count(fraction: float, n):
+  """ceil(fraction · n) exactly as numpy's float64 computes it, for a Python float fraction in
+  (0, 1] and int32 counts n on device (no float64 needed, so also without jax_enable_x64).
+
+  fraction = M · 2^-L with an integer M < 2^53, so p = fraction · n = P · 2^-L with the integer
+  P = M · n < 2^84, formed exactly in 16-bit limbs. With m = floor(p) and R = P mod 2^L,
+  float64 rounds p down to m when p - m is at most half an ulp of p, 2^(e - 53) for
+  e = floor(log2 m) (a tie goes to m, whose last significand bit is 0): then the ceiling is
+  m, otherwise m + 1. That is k = m + [R > 2^T] with T = L + e - 53.
+  """
+  mantissa, exponent = math.frexp(fraction)  # fraction = mantissa · 2^exponent
+  M, L = int(mantissa * 2 ** 53), 53 - exponent
+  n = jnp.asarray(n).astype(jnp.uint32)
+  a = [jnp.uint32((M >> (16 * i)) & 0xFFFF) for i in range(4)]
+  b = [n & 0xFFFF, n >> 16]
+  columns = [jnp.zeros_like(n) for _ in range(7)]
+  for i in range(4):
+    for j in range(2):
+      product = a[i] * b[j]  # < 2^32
+      columns[i + j] = columns[i + j] + (product & 0xFFFF)
+      columns[i + j + 1] = columns[i + j + 1] + (product >> 16)
+  limbs, carry = [], jnp.zeros_like(n)
+  for column in columns:  # P in 16-bit limbs, least significant first
+    total = column + carry
+    limbs.append(total & 0xFFFF)
+    carry = total >> 16
+  width = 16 * len(limbs)
+
+  def bits_at_least(position):  # P >> position for a static position (the low 32 bits)
+    out = jnp.zeros_like(n)
+    for index, limb in enumerate(limbs):
+      shift = 16 * index - position
+      if -16 < shift < 32:
+        out = out | (limb << shift if shift >= 0 else limb >> -shift)
+    return out
+
+  def any_bits(start, stop):  # whether P has a set bit in [start, stop)
+    found = jnp.zeros(n.shape, bool)
+    for index, limb in enumerate(limbs):
+      low = jnp.clip(start - 16 * index, 0, 16).astype(jnp.uint32)
+      high = jnp.clip(stop - 16 * index, 0, 16).astype(jnp.uint32)
+      mask = ((jnp.uint32(1) << high) - 1) & ~((jnp.uint32(1) << low) - 1)
+      found = found | ((limb & mask) != 0)
+    return found
+
+  if L >= width:  # p < 1: float64 rounds it to a positive number below 1 at most
+    m = jnp.zeros_like(n)
+  else:
+    m = bits_at_least(L)
+  e = 31 - jax.lax.clz(jnp.maximum(m, 1)).astype(jnp.int32)
+  threshold_bit = L + e - 53
+  bit_set = any_bits(threshold_bit, threshold_bit + 1)
+  above = any_bits(threshold_bit + 1, min(L, width)) | (
+      bit_set & any_bits(jnp.zeros_like(threshold_bit), threshold_bit))
+  k = jnp.where(m == 0, 1, m + above.astype(jnp.uint32))
+  n = n.astype(jnp.int32)
+  return jnp.where(n > 0, jnp.clip(k.astype(jnp.int32), 1, n), 0)
+
+
 def _top_count(fraction, n, static_n: int | None):
   """k = ceil(fraction · n), at least 1 (0 when n == 0).
 
-  For a Python-number fraction and a static n this is numpy's float64 arithmetic,
-  `ceil(fraction * n)`. Otherwise (a traced fraction, or n counted on device because some
-  coordinates are not finite) it is the ceiling of the exact product of the float32 fraction
-  and n, computed with Dekker's error-free product for n < 2^24.
+  For a Python-number fraction this is numpy's float64 arithmetic, `ceil(fraction * n)`,
+  on the host for a static n and in `_float64_top_count` for n counted on device (when some
+  coordinates are not finite). For a traced fraction it is the ceiling of the exact product
+  of the float32 fraction and n, computed with Dekker's error-free product for n < 2^24.
   """
-  if static_n is not None and not isinstance(fraction, jax.core.Tracer) and \
-      not isinstance(fraction, jax.Array):
+  if not isinstance(fraction, (jax.core.Tracer, jax.Array)):
+    if static_n is None:
+      return _float64_top_count(float(fraction), n)
     k = min(static_n, max(1, math.ceil(float(np.float64(fraction) * static_n))))
     return jnp.asarray(k if static_n else 0, jnp.int32)
   f = jnp.asarray(fraction, jnp.float32)

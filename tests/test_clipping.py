@@ -99,6 +99,29 @@ class ThresholdTest(chex.TestCase):
     all_nan = [jnp.full((3,), jnp.nan)]
     self.assertEqual(float(optclip.clip_threshold(all_nan, 0.5)), np.inf)
 
+  def test_k_is_numpys_float64_ceiling_when_non_finite_entries_are_counted(self):
+    # With NaN/Inf present n_finite is counted on device; k must still be numpy's
+    # ceil(fraction * n) in float64: 0.3 * 10 = 3.0 (a float32 0.3 would give 4) and
+    # 0.1 * 30 = 3.0000000000000004 (so 4).
+    rng = np.random.default_rng(9)
+    threshold = jax.jit(optclip.clip_threshold, static_argnums=1)
+    for finite, fraction in [(10, 0.3), (30, 0.1), (10, 0.1), (7, 1 / 7), (1000, 0.7)]:
+      values = rng.permutation(np.arange(1, finite + 1)).astype(np.float32)
+      tree = [jnp.asarray(np.concatenate([values, [np.nan, np.inf]]).astype(np.float32))]
+      np.testing.assert_array_equal(np.float64(threshold(tree, fraction)),
+                                    oracles.threshold(tree, fraction))
+
+  def test_float64_top_count_on_device_matches_numpy(self):
+    from optclip import clipping
+    rng = np.random.default_rng(10)
+    n = np.concatenate([np.arange(0, 3000), rng.integers(0, 2 ** 31 - 1, 3000),
+                        [2 ** 31 - 2, 2 ** 24 + 1]]).astype(np.int64)
+    count = jax.jit(clipping._float64_top_count, static_argnums=0)
+    for fraction in [0.1, 0.3, 1 / 3, 0.7, 1e-5, 1.0, 5e-324] + list(rng.random(5)):
+      want = np.where(n > 0, np.clip(np.ceil(np.float64(fraction) * n), 1, n), 0)
+      np.testing.assert_array_equal(np.asarray(count(fraction, jnp.asarray(n, jnp.int32))),
+                                    want)
+
   def test_per_leaf(self):
     rng = np.random.default_rng(3)
     tree = {"w": jnp.asarray(rng.standard_normal((20, 7)), jnp.float32),
@@ -154,10 +177,11 @@ class HardDistributionsTest(chex.TestCase):
     with_nan[0, :4] = [np.inf, -np.inf, np.nan, -0.0]
     trees = [clustered, scales, [jnp.asarray(tied), jnp.asarray(subnormal)],
              [jnp.asarray(with_nan), jnp.asarray(rng.standard_normal(5000), jnp.float32)]]
-    for tree in trees:
-      for fraction in (1e-4, 0.01, 0.1, 0.5, 0.9, 1.0):
+    for tree in trees:  # each (fraction, per_leaf) compiles anew: a few of each
+      for fraction in (1e-4, 0.01, 0.5, 1.0):
         np.testing.assert_array_equal(np.float64(threshold(tree, fraction, False)),
                                       oracles.threshold(tree, fraction))
+      for fraction in (0.1, 0.9):
         for got, leaf in zip(threshold(tree, fraction, True), tree):
           np.testing.assert_array_equal(np.float64(got), oracles.threshold([leaf], fraction))
 
