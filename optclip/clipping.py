@@ -120,8 +120,8 @@ class _Across(NamedTuple):
   Unsharded: no axes, nothing to do. Inside the `shard_map` of `_sharded_threshold_keys`,
   every leaf is this device's block: sums are masked to one copy of each block (``weights``:
   1 on the first device along every mesh axis the leaf is replicated over, else 0) and then
-  summed over all mesh axes; maxima need no mask. Each pass of a search is one all-reduce of
-  a few scalars.
+  summed over all mesh axes; maxima need no mask. Each pass of a search all-reduces a few
+  scalars: one sum (the counts) and one max (the extremes).
   """
   axes: tuple = ()
   weights: tuple | None = None  # per leaf, None when unsharded

@@ -1,6 +1,5 @@
 """Geometry probes against dense jax.hessian / NumPy on small problems."""
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np

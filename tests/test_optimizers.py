@@ -1,6 +1,5 @@
 """The optimizer family against NumPy transcriptions of Algorithms 3-9, and against optax."""
 
-import functools
 
 import chex
 import jax
