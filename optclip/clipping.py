@@ -497,10 +497,20 @@ def _problem(float_leaves, fraction, per_leaf: bool, across: _Across = _UNSHARDE
                   k_static, fraction, bits, _gather_ok(float_leaves, across), across)
 
 
+# Unsharded trees of at most this many coordinates are concatenated before a global search
+# (a copy of at most 1 MiB): every pass is then one reduce instead of one per leaf, and XLA
+# compiles the search several times faster (about 35 ms per leaf's reduce on 2 cores).
+_PACK_MAX_SIZE = 1 << 18
+
+
 def _threshold_keys(float_leaves, fraction, per_leaf: bool, across: _Across = _UNSHARDED):
   """Per-group thresholds as values of the key float dtype."""
   if not across.axes and any(_is_sharded(l) for l in float_leaves):
     return _sharded_threshold_keys(float_leaves, fraction, per_leaf)
+  if (not per_leaf and not across.axes and len(float_leaves) > 1
+      and sum(l.size for l in float_leaves) <= _PACK_MAX_SIZE):
+    float_dtype = _bits_for([l.dtype for l in float_leaves]).float_dtype
+    float_leaves = [jnp.concatenate([jnp.ravel(l).astype(float_dtype) for l in float_leaves])]
   problem = _problem(float_leaves, fraction, per_leaf, across)
   return _key_to_value(_search(problem).lo, problem.bits)
 

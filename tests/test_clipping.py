@@ -1,5 +1,6 @@
 """clip_threshold and coord_clip against a NumPy sort, and inside optax's machinery."""
 
+import contextlib
 import chex
 import jax
 import jax.numpy as jnp
@@ -157,6 +158,21 @@ class ThresholdTest(chex.TestCase):
         optclip.coord_clip(bad)
 
 
+@contextlib.contextmanager
+def _leaves_not_packed():
+  """Small trees are concatenated before a global search; this turns that off (and clears
+  the cached traces on both sides)."""
+  from optclip import clipping
+  saved = clipping._PACK_MAX_SIZE
+  clipping._PACK_MAX_SIZE = 0
+  jax.clear_caches()
+  try:
+    yield
+  finally:
+    clipping._PACK_MAX_SIZE = saved
+    jax.clear_caches()
+
+
 class HardDistributionsTest(chex.TestCase):
   """Trees that defeat the search's interpolation: clusters of near-ties, scales 10^±20,
   large tie masses beside subnormals, NaN/Inf among many coordinates."""
@@ -181,6 +197,9 @@ class HardDistributionsTest(chex.TestCase):
       for fraction in (1e-4, 0.01, 0.5, 1.0):
         np.testing.assert_array_equal(np.float64(threshold(tree, fraction, False)),
                                       oracles.threshold(tree, fraction))
+        with _leaves_not_packed():  # one reduce per leaf, as on trees over 2^18 coordinates
+          np.testing.assert_array_equal(np.float64(threshold(tree, fraction, False)),
+                                        oracles.threshold(tree, fraction))
       for fraction in (0.1, 0.9):
         for got, leaf in zip(threshold(tree, fraction, True), tree):
           np.testing.assert_array_equal(np.float64(got), oracles.threshold([leaf], fraction))
@@ -304,7 +323,8 @@ def test_gather_free_path_matches_numpy(monkeypatch):
   with_nan = rng.standard_t(2, size=(40, 30)).astype(np.float32)
   with_nan[0, :3] = [np.nan, np.inf, -np.inf]
   trees.append([jnp.asarray(with_nan), jnp.asarray(rng.standard_normal(50), jnp.float32)])
-  for tree in trees:
-    for fraction in (0.01, 0.5, 0.6, 1.0):
-      np.testing.assert_array_equal(np.float64(threshold(tree, fraction)),
-                                    oracles.threshold(_leaves_of(tree), fraction))
+  with _leaves_not_packed():  # as for sharded leaves; also drops traces cached before
+    for tree in trees:
+      for fraction in (0.01, 0.5, 0.6, 1.0):
+        np.testing.assert_array_equal(np.float64(threshold(tree, fraction)),
+                                      oracles.threshold(_leaves_of(tree), fraction))
