@@ -11,7 +11,8 @@ count(|g| ≥ hi) is narrowed until it holds one key. Each narrowing step is one
 data: per leaf, one variadic `lax.reduce` that counts the keys at or above 8 pivots and finds
 the bracket's largest and smallest element (never a gather or a sort of the data). The first
 pivots come from a small strided sample, later ones from interpolating the exact counts, with
-key-space splitting when a pass stalls; at 10M coordinates a search takes 3-7 passes. On
+key-space splitting when a pass stalls; at 10M coordinates a search takes 3-7 passes. Small
+trees (at most 2^18 coordinates) are concatenated first, which only saves compile time. On
 sharded leaves the search runs in a `shard_map`: per-device partial counts are combined
 across leaves and all-reduced once per pass, a few scalars.
 
