@@ -275,8 +275,7 @@ class _SearchState(NamedTuple):
   hi: jax.Array  # (G,) keys with count(|g| >= hi) = c_hi < k
   c_lo: jax.Array
   c_hi: jax.Array
-  n: jax.Array  # (G,) finite coordinates, counted by the first pass
-  k: jax.Array
+  k: jax.Array  # (G,) fixed by the first pass, which counts the finite coordinates
   pivots: jax.Array  # (G, P) keys for the next pass
   width_before: jax.Array  # (G,) c_lo - c_hi before the last pass
   step: jax.Array
@@ -357,10 +356,9 @@ def _search(problem: _Problem) -> _SearchState:
   bits = problem.bits
   G = problem.num_groups
   inf_key = jnp.asarray(bits.inf_key, bits.key_dtype)
-  zeros = jnp.zeros((G,), jnp.int32)
   state = _SearchState(
       lo=jnp.zeros((G,), bits.key_dtype), hi=jnp.full((G,), inf_key), c_lo=problem.sizes,
-      c_hi=zeros, n=problem.sizes, k=problem.k_static,
+      c_hi=jnp.zeros((G,), jnp.int32), k=problem.k_static,
       pivots=jnp.clip(_first_pivots(problem), 1, inf_key - 1), width_before=problem.sizes,
       step=jnp.zeros((), jnp.int32))
 
@@ -370,10 +368,9 @@ def _search(problem: _Problem) -> _SearchState:
     leaves, _ = jax.lax.optimization_barrier((problem.leaves, s.step))
     counts, non_finite, largest, smallest = _count_pass(
         problem._replace(leaves=leaves), s.pivots, s.lo, s.hi)
-    first = s.step == 0
-    n = jnp.where(first, problem.sizes - non_finite, s.n)
-    s = s._replace(n=n, k=jnp.where(first, problem.k_for(n), s.k),
-                   c_lo=jnp.where(first, n, s.c_lo))
+    # Every pass counts the same finite coordinates; the first starts the bracket with them.
+    n = problem.sizes - non_finite
+    s = s._replace(k=problem.k_for(n), c_lo=jnp.where(s.step == 0, n, s.c_lo))
     s = _solve(s, n == 0, inf_key)  # no finite coordinate: τ = +inf
     s = _narrow(s, counts, largest, smallest)
     return s._replace(pivots=_next_pivots(problem, s), step=s.step + 1)
