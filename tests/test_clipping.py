@@ -1,6 +1,5 @@
 """clip_threshold and coord_clip against a NumPy sort, and inside optax's machinery."""
 
-import contextlib
 import chex
 import jax
 import jax.numpy as jnp
@@ -112,16 +111,22 @@ class ThresholdTest(chex.TestCase):
       np.testing.assert_array_equal(np.float64(threshold(tree, fraction)),
                                     oracles.threshold(tree, fraction))
 
-  def test_float64_top_count_on_device_matches_numpy(self):
-    from optclip import clipping
+  def test_top_count_on_device_matches_numpy(self):
+    """k = numpy's float64 ceil(fraction * n) for counts up to 2^31 - 2, for Python floats
+    and for traced fractions (read as float32), subnormal fractions included."""
+    from optclip import _selection
     rng = np.random.default_rng(10)
     n = np.concatenate([np.arange(0, 3000), rng.integers(0, 2 ** 31 - 1, 3000),
                         [2 ** 31 - 2, 2 ** 24 + 1]]).astype(np.int64)
-    count = jax.jit(clipping._float64_top_count, static_argnums=0)
-    for fraction in [0.1, 0.3, 1 / 3, 0.7, 1e-5, 1.0, 5e-324] + list(rng.random(5)):
+    device_n = jnp.asarray(n, jnp.int32)
+    static = jax.jit(_selection.top_count, static_argnums=0)
+    traced = jax.jit(_selection.top_count)
+    for fraction in [0.1, 0.3, 1 / 3, 0.7, 1e-5, 1.0, 5e-324, 1e-40] + list(rng.random(5)):
       want = np.where(n > 0, np.clip(np.ceil(np.float64(fraction) * n), 1, n), 0)
-      np.testing.assert_array_equal(np.asarray(count(fraction, jnp.asarray(n, jnp.int32))),
-                                    want)
+      np.testing.assert_array_equal(np.asarray(static(float(fraction), device_n)), want)
+      as_float32 = np.float64(np.float32(fraction))
+      want = np.where(n > 0, np.clip(np.ceil(as_float32 * n), 1, n), 0)
+      np.testing.assert_array_equal(np.asarray(traced(jnp.float32(fraction), device_n)), want)
 
   def test_per_leaf(self):
     rng = np.random.default_rng(3)
@@ -158,19 +163,15 @@ class ThresholdTest(chex.TestCase):
         optclip.coord_clip(bad)
 
 
-@contextlib.contextmanager
-def _leaves_not_packed():
-  """Small trees are concatenated before a global search; this turns that off (and clears
-  the cached traces on both sides)."""
-  from optclip import clipping
-  saved = clipping._PACK_MAX_SIZE
-  clipping._PACK_MAX_SIZE = 0
-  jax.clear_caches()
-  try:
-    yield
-  finally:
-    clipping._PACK_MAX_SIZE = saved
-    jax.clear_caches()
+def _unpacked_threshold(tree, fraction, *, sample=True):
+  """The search on the leaves as given: one reduce per leaf, as on trees over 2^18
+  coordinates (which `clip_threshold` does not concatenate); ``sample=False`` seeds the
+  first pivots from the mean |g|, as for sharded leaves."""
+  from optclip import _selection
+  leaves = [l for l in jax.tree.leaves(tree)]
+  fmt = _selection.key_format([l.dtype for l in leaves])
+  keys, _ = jax.jit(lambda l: _selection.kth_largest_keys(l, fraction, sample=sample))(leaves)
+  return np.float64(_selection.key_to_value(keys, fmt)[0])
 
 
 class HardDistributionsTest(chex.TestCase):
@@ -197,9 +198,8 @@ class HardDistributionsTest(chex.TestCase):
       for fraction in (1e-4, 0.01, 0.5, 1.0):
         np.testing.assert_array_equal(np.float64(threshold(tree, fraction, False)),
                                       oracles.threshold(tree, fraction))
-        with _leaves_not_packed():  # one reduce per leaf, as on trees over 2^18 coordinates
-          np.testing.assert_array_equal(np.float64(threshold(tree, fraction, False)),
-                                        oracles.threshold(tree, fraction))
+        np.testing.assert_array_equal(_unpacked_threshold(tree, fraction),
+                                      oracles.threshold(tree, fraction))
       for fraction in (0.1, 0.9):
         for got, leaf in zip(threshold(tree, fraction, True), tree):
           np.testing.assert_array_equal(np.float64(got), oracles.threshold([leaf], fraction))
@@ -308,13 +308,10 @@ class CoordClipTest(chex.TestCase):
     np.testing.assert_allclose(out, -1e-2 * np.minimum(np.arange(1.0, 21.0), 19.0))
 
 
-def test_gather_free_path_matches_numpy(monkeypatch):
+def test_gather_free_path_matches_numpy():
   """The selection used for sharded leaves (first pivots from the mean, no sample) is exact
   too."""
-  from optclip import clipping
-  monkeypatch.setattr(clipping, "_gather_ok", lambda leaves, across: False)
   rng = np.random.default_rng(7)
-  threshold = jax.jit(optclip.clip_threshold, static_argnums=1)
   trees = [_random_tree(rng) for _ in range(4)]
   trees.append([jnp.asarray(rng.standard_t(2, size=(200, 300)).astype(np.float32))])
   tiny = np.float32(1e-40)
@@ -323,8 +320,7 @@ def test_gather_free_path_matches_numpy(monkeypatch):
   with_nan = rng.standard_t(2, size=(40, 30)).astype(np.float32)
   with_nan[0, :3] = [np.nan, np.inf, -np.inf]
   trees.append([jnp.asarray(with_nan), jnp.asarray(rng.standard_normal(50), jnp.float32)])
-  with _leaves_not_packed():  # as for sharded leaves; also drops traces cached before
-    for tree in trees:
-      for fraction in (0.01, 0.5, 0.6, 1.0):
-        np.testing.assert_array_equal(np.float64(threshold(tree, fraction)),
-                                      oracles.threshold(_leaves_of(tree), fraction))
+  for tree in trees:
+    for fraction in (0.01, 0.5, 0.6, 1.0):
+      np.testing.assert_array_equal(_unpacked_threshold(tree, fraction, sample=False),
+                                    oracles.threshold(_leaves_of(tree), fraction))
