@@ -24,8 +24,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optclip.clipping import (clip_threshold, clip_to_threshold, coord_clip,
-                              validate_fraction)
+from optclip.clipping import _threshold, clip_to_threshold, coord_clip, validate_fraction
 
 __all__ = [
     "adafactor",
@@ -48,10 +47,10 @@ def _optional_fraction(value, name):
 
 
 def _clip(tree, fraction):
-  """ĝ = clip(g) at the top-``fraction`` threshold; identity when fraction is None."""
+  """ĝ = clip(g) at the top-``fraction`` threshold (already validated); identity for None."""
   if fraction is None:
     return tree
-  return clip_to_threshold(tree, clip_threshold(tree, fraction))
+  return clip_to_threshold(tree, _threshold(tree, fraction, False))
 
 
 def _maybe(fraction) -> list:
@@ -87,7 +86,7 @@ def sgd(learning_rate: ScalarOrSchedule, momentum: float = 0.9,
   References:
     Pan & Li 2023, arXiv 2306.00204, Algorithm 3.
   """
-  _optional_fraction(clip, "clip")
+  clip = _optional_fraction(clip, "clip")
   return optax.chain(*_maybe(clip), _momentum(momentum),
                      optax.scale_by_learning_rate(learning_rate))
 
@@ -140,7 +139,7 @@ def normalized_sgd(learning_rate: ScalarOrSchedule, momentum: float = 0.9,
   References:
     Pan & Li 2023, arXiv 2306.00204, Algorithm 4.
   """
-  _optional_fraction(clip, "clip")
+  clip = _optional_fraction(clip, "clip")
   return optax.chain(*_maybe(clip), _momentum(momentum), scale_by_frobenius_normalization(),
                      optax.scale_by_learning_rate(learning_rate))
 
@@ -169,11 +168,8 @@ def sign_sgd(learning_rate: ScalarOrSchedule, momentum: float = 0.9,
   References:
     Pan & Li 2023, arXiv 2306.00204, Algorithm 5.
   """
-  _optional_fraction(clip, "clip")
-  sign = optax.GradientTransformation(
-      lambda params: optax.EmptyState(),
-      lambda updates, state, params=None: (jax.tree.map(jnp.sign, updates), state))
-  return optax.chain(*_maybe(clip), _momentum(momentum), sign,
+  clip = _optional_fraction(clip, "clip")
+  return optax.chain(*_maybe(clip), _momentum(momentum), optax.scale_by_sign(),
                      optax.scale_by_learning_rate(learning_rate))
 
 
@@ -192,7 +188,7 @@ def scale_by_clipped_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
 
   With ``clip=None`` this is `optax.scale_by_adam` (same operations, same order).
   """
-  _optional_fraction(clip, "clip")
+  clip = _optional_fraction(clip, "clip")
 
   def init_fn(params):
     mu = optax.tree.zeros_like(params)
@@ -246,8 +242,8 @@ def adam(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999,
   References:
     Pan & Li 2023, arXiv 2306.00204, Algorithm 6; Kingma & Ba 2015.
   """
-  _optional_fraction(clip, "clip")
-  _optional_fraction(clip_update, "clip_update")
+  clip = _optional_fraction(clip, "clip")
+  clip_update = _optional_fraction(clip_update, "clip_update")
   return optax.chain(scale_by_clipped_adam(b1, b2, eps, clip), *_maybe(clip_update),
                      optax.scale_by_learning_rate(learning_rate))
 
@@ -283,7 +279,7 @@ def scale_by_clipped_adafactor(
   and for vectors and scalars V̂_t = β̂₂ₜ V̂ + (1 - β̂₂ₜ)(G² + ε₁). The second moment always sees
   the raw gradient G. ``momentum`` (not in the paper's boxes) optionally averages Û_t.
   """
-  _optional_fraction(clip, "clip")
+  clip = _optional_fraction(clip, "clip")
 
   def init_fn(params):
     def row(p):
@@ -392,7 +388,7 @@ def adafactor(learning_rate: Optional[ScalarOrSchedule] = None, clip: Optional[f
   References:
     Pan & Li 2023, arXiv 2306.00204, Algorithms 7-8; Shazeer & Stern 2018.
   """
-  _optional_fraction(clip, "clip")
+  clip = _optional_fraction(clip, "clip")
   direction = scale_by_clipped_adafactor(clip, decay_rate, eps1, clipping_threshold, momentum)
   if learning_rate is None:
     return optax.chain(direction, _relative_step_size(eps2))
@@ -417,8 +413,8 @@ def scale_by_clipped_lion(b1: float = 0.9, b2: float = 0.99, clip: Optional[floa
   τ_c: coordinates at or above τ_c become ±1 as with the sign, smaller ones keep their
   relative size (with clip_update=1 this is the sign again).
   """
-  _optional_fraction(clip, "clip")
-  _optional_fraction(clip_update, "clip_update")
+  clip = _optional_fraction(clip, "clip")
+  clip_update = _optional_fraction(clip_update, "clip_update")
 
   def init_fn(params):
     return ScaleByClippedLionState(count=jnp.zeros([], jnp.int32),
@@ -431,7 +427,7 @@ def scale_by_clipped_lion(b1: float = 0.9, b2: float = 0.99, clip: Optional[floa
     if clip_update is None:
       directions = jax.tree.map(jnp.sign, interp)
     else:
-      tau = clip_threshold(interp, clip_update)
+      tau = _threshold(interp, clip_update, False)
       directions = jax.tree.map(
           lambda c: jnp.where(tau > 0, c / jnp.maximum(tau, jnp.finfo(c.dtype).tiny),
                               jnp.sign(c)).astype(c.dtype),
