@@ -4,23 +4,19 @@ Claims (issue: foundation): clip_threshold >= 30x faster than jnp.quantile on th
 vector; one jitted optclip.adam(1e-3, clip=0.5) step <= 3x one optax.adam(1e-3) step; the
 clipped step allocates no full-size temporary beyond optax.adam's plus O(one leaf).
 
-Usage: python benchmarks/clipping.py [--coords 10000000] [--leaves 100]
+Usage: python -m benchmarks.clipping [--coords 10000000] [--leaves 100]
 """
 
 import argparse
 import functools
-import os
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import optclip  # noqa: E402
-from common import temp_bytes, time_ms  # noqa: E402
+import optclip
+from benchmarks.timing import interleaved_ms, median_ratio, temp_bytes, time_ms
 
 
 def make_tree(coords: int, leaves: int, seed: int = 0):
@@ -65,20 +61,12 @@ def main(argv=None):
       state = step(make_tree(args.coords, args.leaves, seed), state)[1]
     steps[name] = functools.partial(step, tree, state)
     temps[name] = temp_bytes(step, tree, state)
-  # Interleaved rounds, each timing every variant once: this machine's speed drifts by tens
-  # of percent between seconds, so each round's ratio compares like with like.
-  rounds = {name: [] for name in steps}
-  for name, run in steps.items():
-    jax.block_until_ready(run())
-  for _ in range(max(args.repeats, 7)):
-    for name, run in steps.items():
-      rounds[name].append(time_ms(run, repeats=1, warmup=0))
-  base = np.asarray(rounds["optax.adam(1e-3)"])
+  rounds = interleaved_ms(steps, max(args.repeats, 7))
+  base = rounds["optax.adam(1e-3)"]
   leaf_bytes = tree[0].size * 4
   for name, times in rounds.items():
-    ratio = np.median(np.asarray(times) / base)
-    print(f"{name:38s} {np.median(times):8.1f} ms  ratio {ratio:5.2f}x   temporaries "
-          f"{temps[name] / 2**20:7.1f} MiB (extra vs optax.adam: "
+    print(f"{name:38s} {np.median(times):8.1f} ms  ratio {median_ratio(times, base):5.2f}x   "
+          f"temporaries {temps[name] / 2**20:7.1f} MiB (extra vs optax.adam: "
           f"{(temps[name] - temps['optax.adam(1e-3)']) / leaf_bytes:+.2f} leaves)")
   print("goal: clipped step <= 3x optax.adam (aim 1.5x); extra temporaries O(one leaf)")
 

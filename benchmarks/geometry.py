@@ -4,21 +4,17 @@ Claims (issue: geometry): K = 8 directions in one call >= 1.5x faster (aim 2x) t
 jvp-of-grad calls, on an MLP and a small transformer; landscape of 8 directions x 32 steps
 <= 1.2x the cost of the same number of batched forward passes.
 
-Usage: python benchmarks/geometry.py
+Usage: python -m benchmarks.geometry
 """
 
-import os
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import optclip  # noqa: E402
-from common import temp_bytes, time_ms  # noqa: E402
+import optclip
+from benchmarks.timing import temp_bytes, time_ms
 
 K = 8
 
@@ -81,8 +77,8 @@ def bench_sharpness(name, loss, params):
   n = sum(p.size for p in jax.tree.leaves(params))
   # Parameters are arguments, not closed-over constants: XLA would otherwise fold the primal
   # computation into the compiled programs and time something no training run has.
-  hvp_one = jax.jit(lambda p, u: optclip.tree_dot(
-      u, jax.jvp(jax.grad(loss), (p,), (u,))[1]) / optclip.tree_dot(u, u))
+  hvp_one = jax.jit(lambda p, u: optax.tree.vdot(
+      u, jax.jvp(jax.grad(loss), (p,), (u,))[1]) / optax.tree.vdot(u, u))
   singles = [jax.tree.map(lambda d: d[i], dirs) for i in range(K)]
   baseline = time_ms(lambda: [hvp_one(params, u) for u in singles])
   print(f"\n{name} ({n:,} parameters), K = {K} directions")

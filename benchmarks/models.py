@@ -4,12 +4,11 @@ threads; and the input pipeline's throughput against the train step's consumptio
 Claims (issue: models and data): JAX/PyTorch step-time ratio <= 1.0; the quick preset's input
 pipeline produces batches >= 20x faster than the train step consumes them.
 
-Usage: python benchmarks/models.py [--sizes tiny small] [--threads 2]
+Usage: python -m benchmarks.models [--sizes tiny small] [--threads 2]
 """
 
 import argparse
 import os
-import sys
 import time
 
 import jax
@@ -17,10 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import optclip.models as models  # noqa: E402
-from common import time_ms  # noqa: E402
+import optclip.models as models
+from benchmarks.timing import time_ms
 
 CASES = {  # (our preset, batch, source length, target length)
     "t5-tiny": ("t5-tiny", 16, 32, 32), "t5-small": ("t5-small", 8, 64, 64),
@@ -37,18 +34,17 @@ def _batch(name, config, batch, src, tgt, rng):
 
 
 def jax_step_ms(model, params, batch, repeats):
-  """Median time of a training loop's step as the experiments run it (`common.train_step`):
-  state carried and donated, as PyTorch updates in place (without donation every step also
-  allocates fresh parameter and moment buffers)."""
-  from experiments import common
+  """Median time of a training loop's step as the experiments run it
+  (`experiments.training.train_step`): state carried and donated, as PyTorch updates in
+  place (without donation every step also allocates fresh parameter and moment buffers)."""
+  from experiments import training
   tx = optax.adamw(1e-4)
-  step = common.train_step(models.make_loss_fn(model), tx)
-  carried = [common.owned_copy(params)]
-  carried.append(tx.init(carried[0]))
+  step = training.train_step(models.make_loss_fn(model), tx)
+  carried = [training.initial_state(tx, params)]
   batch = jax.tree.map(jnp.asarray, batch)
 
   def run():
-    carried[0], carried[1], loss = step(carried[0], carried[1], batch)
+    carried[0], loss = step(carried[0], batch)
     return loss
   return time_ms(run, repeats=repeats, warmup=2)
 

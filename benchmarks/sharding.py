@@ -3,12 +3,11 @@ threshold search communicates per step, read from the compiled HLO's collectives
 
 Claim (issue: scale out): threshold communication <= 1 KiB per step regardless of model size.
 
-Usage: python benchmarks/sharding.py   (sets 8 host devices itself)
+Usage: python -m benchmarks.sharding   (sets 8 host devices itself)
 """
 
 import os
 import re
-import sys
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
@@ -17,10 +16,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import optclip  # noqa: E402
-from common import time_ms  # noqa: E402
+from benchmarks.timing import time_ms  # noqa: E402
 from optclip import sharding  # noqa: E402
 
 _DTYPE_BYTES = {"f32": 4, "s32": 4, "u32": 4, "pred": 1, "f16": 2, "bf16": 2, "s64": 8,
@@ -85,27 +82,12 @@ def collective_bytes(hlo: str):
   return outside, inside, count
 
 
-def search_steps(fn, *args) -> int:
-  """Iterations of the threshold search's while loop in one call of fn (counted on device 0)."""
-  calls = []
-  original = jax.lax.while_loop
-
-  def counting_while(cond, body, state):
-    def counted(s):
-      jax.debug.callback(lambda: calls.append(1))
-      return body(s)
-    return original(cond, counted, state)
-
-  # clip_threshold jits its search itself: clear the traces cached with the plain loop
-  # before, and the counting ones after.
-  jax.clear_caches()
-  jax.lax.while_loop = counting_while
-  try:
-    jax.block_until_ready(jax.jit(fn)(*args))
-  finally:
-    jax.lax.while_loop = original
-    jax.clear_caches()
-  return len(calls) // max(1, len(jax.devices()))
+def search_passes(grads) -> int:
+  """Loop iterations (narrowing passes) of the threshold search at fraction 0.5; the summary
+  pass before the loop counts with the collectives outside it."""
+  from optclip import clipping
+  _, passes = jax.jit(lambda g: clipping._threshold_values(g, 0.5, False))(grads)
+  return int(passes)
 
 
 def tree(params: int, leaves: int, seed=0):
@@ -126,7 +108,7 @@ def main():
       threshold = jax.jit(lambda g: optclip.clip_threshold(g, 0.5))
       hlo = threshold.lower(sharded).compile().as_text()
       outside, inside, count = collective_bytes(hlo)
-      steps = search_steps(lambda g: optclip.clip_threshold(g, 0.5), sharded)
+      steps = search_passes(sharded)
       tx = optclip.adam(1e-3, clip=0.5)
       state = tx.init(sharded)
       step = jax.jit(lambda g, s: tx.update(g, s, g))

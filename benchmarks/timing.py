@@ -3,6 +3,7 @@
 import time
 
 import jax
+import numpy as np
 
 
 def time_ms(fn, *args, repeats: int = 5, warmup: int = 1) -> float:
@@ -16,6 +17,26 @@ def time_ms(fn, *args, repeats: int = 5, warmup: int = 1) -> float:
     times.append((time.perf_counter() - start) * 1e3)
   times.sort()
   return times[len(times) // 2]
+
+
+def interleaved_ms(calls: dict, rounds: int = 7) -> dict:
+  """{name: per-round times in ms}: every round times each call once, in turn.
+
+  A machine's speed drifts by tens of percent between seconds, so ratios are taken round by
+  round (like with like) rather than between medians measured minutes apart.
+  """
+  for call in calls.values():
+    jax.block_until_ready(call())
+  times = {name: [] for name in calls}
+  for _ in range(rounds):
+    for name, call in calls.items():
+      times[name].append(time_ms(call, repeats=1, warmup=0))
+  return {name: np.asarray(t) for name, t in times.items()}
+
+
+def median_ratio(times: np.ndarray, baseline: np.ndarray) -> float:
+  """Median over rounds of times / baseline (see `interleaved_ms`)."""
+  return float(np.median(times / baseline))
 
 
 def temp_bytes(jitted, *args) -> int:
