@@ -1,8 +1,8 @@
 """Local geometry along update directions (Pan & Li 2023, Section 3 and Appendix B).
 
 Every function takes ``loss_fn(params) -> scalar`` for any parameter pytree (Flax variables
-included) and works on pytrees leaf by leaf: inner products are ``sum(jnp.sum(a * b))`` over
-leaves, never a concatenation, so they also run on sharded parameters.
+included) and works on pytrees leaf by leaf: inner products are `optax.tree.vdot` (a
+tensordot per leaf, never a concatenation), so they also run on sharded parameters.
 
 References:
   Pan & Li, Toward Understanding Why Adam Converges Faster Than SGD for Transformers, 2023
@@ -16,7 +16,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+import optax
 
 from optclip.clipping import clip_threshold
 
@@ -28,11 +28,9 @@ __all__ = [
     "directional_sharpness",
     "gradient_correlation",
     "landscape",
-    "plot_coordinate_histograms",
+    "map_directions",
     "sharpness_attribution",
     "taylor_decomposition",
-    "tree_dot",
-    "tree_norm",
 ]
 
 LossFn = Callable[[Any], jax.Array]
@@ -69,12 +67,6 @@ def _is_batched(params, directions) -> bool:
   return True
 
 
-try:  # raised when a batching rule would reshape an explicitly sharded axis
-  from jax._src.core import ShardingTypeError as _ShardingTypeError
-except ImportError:  # pragma: no cover - older or newer jax
-  _ShardingTypeError = TypeError
-
-
 def map_directions(fn, xs, *, batch_size: int | None = None):
   """``fn`` over the leading axis of ``xs``: vmapped (``batch_size`` at a time if given).
 
@@ -86,7 +78,9 @@ def map_directions(fn, xs, *, batch_size: int | None = None):
     if batch_size is None:
       return jax.vmap(fn)(xs)
     return jax.lax.map(fn, xs, batch_size=None if batch_size == 1 else batch_size)
-  except _ShardingTypeError:
+  except Exception as error:  # noqa: BLE001 - only JAX's ShardingTypeError (not public)
+    if type(error).__name__ != "ShardingTypeError":
+      raise
     return jax.lax.map(fn, xs)
 
 
@@ -204,7 +198,8 @@ def taylor_decomposition(loss_fn: LossFn, params, update) -> TaylorTerms:
 
   Example:
     >>> import jax.numpy as jnp, optclip
-    >>> terms = optclip.taylor_decomposition(lambda x: jnp.sum(x ** 2), jnp.ones(2), -jnp.ones(2))
+    >>> from optclip import geometry
+    >>> terms = geometry.taylor_decomposition(lambda x: jnp.sum(x ** 2), jnp.ones(2), -jnp.ones(2))
     >>> [float(t) for t in terms]
     [2.0, -4.0, 2.0, 0.0]
   """
@@ -325,23 +320,3 @@ def coordinate_histogram(tree, bins: int | Sequence[float] = 60,
     counts = counts + jnp.zeros_like(counts).at[jnp.ravel(index)].add(jnp.ravel(weights))
     zeros = zeros + jnp.sum(magnitude == 0)
   return counts, edges, zeros
-
-
-def plot_coordinate_histograms(histograms: dict, path: str, title: str = "") -> None:
-  """Plots {name: coordinate_histogram(...)} as step curves on a log-scaled x axis."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(6.5, 4))
-  for name, (counts, edges, _) in histograms.items():
-    counts, edges = np.asarray(counts), np.asarray(edges)
-    fraction = counts / max(int(counts.sum()), 1)
-    ax.stairs(fraction, 10.0 ** edges, label=name)
-  ax.set_xscale("log")
-  ax.set_xlabel("|coordinate|")
-  ax.set_ylabel("fraction of coordinates")
-  ax.set_title(title or "Distribution of update coordinates")
-  ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)

@@ -1,96 +1,97 @@
-"""Pseudo-update probes (Pan & Li 2023, Appendix B.3).
+"""Pseudo-update probes (Pan & Li 2023, Appendix B.3) as an optax transformation.
 
-Training follows ONE trajectory (SGD-momentum or Adam). Every step's gradient is also fed to
-the states of all probe optimizers, whose updates are computed but never applied; at probe
-points each optimizer's would-be update direction is read off, so that all directions are
-compared in the same local geometry.
+Training follows ONE optimizer's trajectory (SGD-momentum or Adam in the paper). Every step's
+gradient is also fed to the states of all probe optimizers, whose updates are computed but
+never applied ("pseudo-update steps"); at a probe point each probe optimizer's would-be
+update direction is read off, so that all directions are compared in the same local
+geometry::
+
+    tx = optclip.probes.with_pseudo_updates(
+        optclip.sgd(2e-4), {"sgd": optclip.sgd(1.0), "adam": optclip.adam(1.0)})
+    state = tx.init(params)
+    for batch in batches:                       # an ordinary optax training loop
+      grads = jax.grad(loss_fn)(params, batch)
+      updates, state = tx.update(grads, state, params)
+      params = optax.apply_updates(params, updates)
+    # at a probe point: every probe optimizer's next update at the current params
+    directions = optclip.probes.pseudo_updates(tx, state, next_grads, params)
+
+References:
+  Pan & Li, Toward Understanding Why Adam Converges Faster Than SGD for Transformers, 2023
+  (arXiv 2306.00204), Appendix B.3.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Mapping, NamedTuple
+from typing import Any, Mapping, NamedTuple
 
-import jax
 import optax
 
-__all__ = [
-    "ProbePoint",
-    "init_pseudo_updates",
-    "pseudo_updates",
-    "step_pseudo_updates",
-    "train_with_probes",
-]
+__all__ = ["PseudoUpdateState", "pseudo_updates", "with_pseudo_updates"]
 
 
-def init_pseudo_updates(optimizers: Mapping[str, optax.GradientTransformation], params):
-  """The initial states of every probe optimizer."""
-  return {name: tx.init(params) for name, tx in optimizers.items()}
+class PseudoUpdateState(NamedTuple):
+  """State of `with_pseudo_updates`: the training optimizer's and every probe's."""
+  train: optax.OptState
+  probes: dict  # {name: state of that probe optimizer}
 
 
-def step_pseudo_updates(optimizers: Mapping[str, optax.GradientTransformation], states,
-                        grads, params):
-  """Feeds one gradient to every optimizer; returns ({name: would-be update}, new states)."""
-  updates, new_states = {}, {}
-  for name, tx in optimizers.items():
-    updates[name], new_states[name] = tx.update(grads, states[name], params)
-  return updates, new_states
+class PseudoUpdateTransformation(NamedTuple):
+  """An `optax.GradientTransformation` that also carries its probe optimizers."""
+  init: Any
+  update: Any
+  probes: Mapping[str, optax.GradientTransformation]
 
 
-def pseudo_updates(optimizers: Mapping[str, optax.GradientTransformation],
-                   grads_sequence: Iterable, params_sequence: Iterable):
-  """Runs every optimizer's state along a shared sequence of (gradient, params).
+def with_pseudo_updates(train: optax.GradientTransformation,
+                        probes: Mapping[str, optax.GradientTransformation]
+                        ) -> PseudoUpdateTransformation:
+  """``train``'s updates, while every probe optimizer's state follows the same gradients.
+
+  The update returned is ``train``'s alone; each probe's own update is computed (its state
+  advances as if it were training) and discarded. Use `pseudo_updates` to read the probes'
+  would-be updates at a point.
+
+  Args:
+    train: the optimizer whose updates are applied.
+    probes: {name: optimizer} whose states follow the trajectory.
 
   Returns:
-    ({name: the update each optimizer would apply after the last gradient}, final states).
+    A gradient transformation (usable wherever optax expects one) with state
+    `PseudoUpdateState`, and the probes as its ``probes`` field.
+
+  Example:
+    >>> import jax.numpy as jnp, optclip
+    >>> tx = optclip.probes.with_pseudo_updates(optclip.sgd(0.1), {"adam": optclip.adam(1.0)})
+    >>> state = tx.init(jnp.zeros(2))
+    >>> updates, state = tx.update(jnp.array([1., -2.]), state)
+    >>> optclip.probes.pseudo_updates(tx, state, jnp.array([1., -2.]))["adam"]
+    Array([-1.,  1.], dtype=float32)
+
+  References:
+    Pan & Li 2023, arXiv 2306.00204, Appendix B.3 ("Pseudo-Update Step").
   """
-  states, updates = None, None
-  step = jax.jit(lambda states, grads, params: step_pseudo_updates(
-      optimizers, states, grads, params))
-  for grads, params in zip(grads_sequence, params_sequence):
-    if states is None:
-      states = init_pseudo_updates(optimizers, params)
-    updates, states = step(states, grads, params)
-  return updates, states
+  probes = dict(probes)
+
+  def init_fn(params):
+    return PseudoUpdateState(train.init(params),
+                             {name: tx.init(params) for name, tx in probes.items()})
+
+  def update_fn(updates, state, params=None):
+    new_probes = {name: tx.update(updates, state.probes[name], params)[1]
+                  for name, tx in probes.items()}
+    updates, train_state = train.update(updates, state.train, params)
+    return updates, PseudoUpdateState(train_state, new_probes)
+
+  return PseudoUpdateTransformation(init_fn, update_fn, probes)
 
 
-class ProbePoint(NamedTuple):
-  step: int
-  params: Any  # the trajectory's parameters at the probe, before the update
-  grads: Any
-  updates: dict  # {name: would-be update at this point}
-  loss: Any
+def pseudo_updates(tx: PseudoUpdateTransformation, state: PseudoUpdateState, grads,
+                   params=None) -> dict:
+  """{name: the update each probe optimizer would apply for ``grads`` from ``state``}.
 
-
-def train_with_probes(loss_fn: Callable, params, batches: Iterable,
-                      train_optimizer: optax.GradientTransformation,
-                      probe_optimizers: Mapping[str, optax.GradientTransformation],
-                      probe_steps: Iterable[int]):
-  """Trains along ``train_optimizer``'s trajectory and yields a `ProbePoint` at each probe step.
-
-  ``loss_fn(params, batch) -> scalar``. At a probe step t (0-based, counted in batches), the
-  probe point holds x_t and every probe optimizer's update computed from g_1..g_t at x_t.
-
-  Yields:
-    `ProbePoint` for each step in ``probe_steps``; the final params come back as the
-    generator's return value.
+  Nothing is applied and no state is advanced: at a probe point x_t, the directions every
+  probe optimizer would take from the same history g_1..g_{t-1} and gradient ``grads``.
   """
-  probe_steps = set(probe_steps)
-  train_state = train_optimizer.init(params)
-  probe_states = init_pseudo_updates(probe_optimizers, params)
-
-  @jax.jit
-  def step(params, train_state, probe_states, batch):
-    loss, grads = jax.value_and_grad(loss_fn)(params, batch)
-    updates, train_state = train_optimizer.update(grads, train_state, params)
-    probe_updates, probe_states = step_pseudo_updates(probe_optimizers, probe_states, grads,
-                                                      params)
-    return (optax.apply_updates(params, updates), train_state, probe_states, probe_updates,
-            grads, loss)
-
-  for t, batch in enumerate(batches):
-    new_params, train_state, probe_states, probe_updates, grads, loss = step(
-        params, train_state, probe_states, batch)
-    if t in probe_steps:
-      yield ProbePoint(t, params, grads, probe_updates, loss)
-    params = new_params
-  return params
+  return {name: probe.update(grads, state.probes[name], params)[0]
+          for name, probe in tx.probes.items()}

@@ -9,6 +9,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import optclip
+from optclip import curvature, probes
 from tests.test_geometry import PROBLEMS, dense_hessian
 
 
@@ -17,10 +18,10 @@ def test_top_eigenvalue_and_diagonal_match_dense(name):
   loss, params, _ = PROBLEMS[name]()
   hessian, _, unravel = dense_hessian(loss, params)
   d = hessian.shape[0]
-  top = optclip.top_hessian_eigenvalue(loss, params, iters=min(d, 60),
+  top = curvature.top_hessian_eigenvalue(loss, params, iters=min(d, 60),
                                        key=jax.random.key(1))
   np.testing.assert_allclose(float(top), np.linalg.eigvalsh(hessian)[-1], rtol=1e-3)
-  diag = optclip.hessian_diagonal(loss, params, method="exact")
+  diag = curvature.hessian_diagonal(loss, params, method="exact")
   np.testing.assert_allclose(np.asarray(ravel_pytree(diag)[0]), np.diag(hessian),
                              rtol=1e-4, atol=1e-6)
 
@@ -29,7 +30,7 @@ def test_hutchinson_within_stated_error():
   loss, params, _ = PROBLEMS["mlp"]()
   hessian, _, _ = dense_hessian(loss, params)
   samples = 2000
-  estimate = optclip.hessian_diagonal(loss, params, method="hutchinson", samples=samples,
+  estimate = curvature.hessian_diagonal(loss, params, method="hutchinson", samples=samples,
                                       key=jax.random.key(0))
   got = np.asarray(ravel_pytree(estimate)[0])
   off = hessian - np.diag(np.diag(hessian))
@@ -40,8 +41,8 @@ def test_hutchinson_within_stated_error():
 def test_r_med_on_known_diagonal():
   diag = {"a": jnp.array([1.0, -2.0, 3.0]), "b": jnp.array([[10.0, 4.0], [5.0, 6.0]])}
   # |H_ii| = 1, 2, 3, 4, 5, 6, 10: max 10, median (4th largest of 7) 4.
-  np.testing.assert_allclose(float(optclip.r_med(diag)), 10 / 4)
-  per_leaf = optclip.r_med(diag, per_leaf=True)
+  np.testing.assert_allclose(float(curvature.r_med(diag)), 10 / 4)
+  per_leaf = curvature.r_med(diag, per_leaf=True)
   np.testing.assert_allclose(float(per_leaf["a"]), 3 / 2)
   np.testing.assert_allclose(float(per_leaf["b"]), 10 / 6)  # upper median of 4 values
 
@@ -49,8 +50,8 @@ def test_r_med_on_known_diagonal():
 def test_r_med_of_a_diagonal_quadratic_hessian():
   curvatures = jnp.array([1.0, 2.0, 3.0, 50.0, 5.0])
   loss = lambda x: 0.5 * jnp.sum(curvatures * x * x)
-  diag = optclip.hessian_diagonal(loss, jnp.ones(5))
-  np.testing.assert_allclose(float(optclip.r_med(diag)), 50.0 / 3.0, rtol=1e-6)
+  diag = curvature.hessian_diagonal(loss, jnp.ones(5))
+  np.testing.assert_allclose(float(curvature.r_med(diag)), 50.0 / 3.0, rtol=1e-6)
 
 
 def test_gauss_newton_against_dense_numpy():
@@ -69,7 +70,7 @@ def test_gauss_newton_against_dense_numpy():
       return jax.tree.map(lambda t: jnp.sqrt(prob[0] * prob[1]) * t, diff)
     return jax.vmap(g)(batch)
 
-  result = optclip.gauss_newton_spectral_norm(per_example, params, x, remove_ratio=1.5)
+  result = curvature.gauss_newton_spectral_norm(per_example, params, x, remove_ratio=1.5)
   rows = per_example(params, x)
   a = np.stack([np.asarray(ravel_pytree(jax.tree.map(lambda r: r[i], rows))[0], np.float64)
                 for i in range(6)])
@@ -101,32 +102,38 @@ def test_pseudo_updates_equal_running_each_optimizer_alone():
   grads, params = _grads_and_params()
   optimizers = {"sgd": optclip.sgd(0.1), "sgd_clip": optclip.sgd(0.1, clip=0.1),
                 "adam": optclip.adam(0.01, clip=0.5), "lion": optclip.lion(0.01)}
-  updates, states = optclip.pseudo_updates(optimizers, grads, params)
-  for name, tx in optimizers.items():
-    state = tx.init(params[0])
-    update = jax.jit(tx.update)
+  tx = probes.with_pseudo_updates(optax.sgd(0.3), optimizers)
+  state = tx.init(params[0])
+  step = jax.jit(tx.update)
+  for g, p in zip(grads[:-1], params[:-1]):
+    _, state = step(g, state, p)
+  updates = jax.jit(lambda s, g, p: probes.pseudo_updates(tx, s, g, p))(
+      state, grads[-1], params[-1])
+  for name, own_tx in optimizers.items():
+    own_state = own_tx.init(params[0])
+    update = jax.jit(own_tx.update)
     for g, p in zip(grads, params):
-      own, state = update(g, state, p)
+      own, own_state = update(g, own_state, p)
     chex.assert_trees_all_close(updates[name], own, rtol=1e-5, atol=1e-7)
-    chex.assert_trees_all_close(states[name], state, rtol=1e-5, atol=1e-7)
 
 
-def test_train_with_probes_follows_the_training_trajectory():
+def test_with_pseudo_updates_trains_like_its_training_optimizer():
+  """The probes never touch the trajectory: updates and training state equal the training
+  optimizer's alone, step by step, in an ordinary optax loop."""
   rng = np.random.default_rng(1)
   data = [jnp.asarray(rng.standard_normal((8, 3)), jnp.float32) for _ in range(6)]
   loss = lambda p, batch: jnp.mean(jnp.square(batch @ p["w"] - 1.0))
   params = {"w": jnp.ones((3, 2))}
   train = optclip.sgd(0.05)
-  probes = {"sgd": optclip.sgd(0.05), "adam": optclip.adam(1e-3)}
-  points = list(optclip.train_with_probes(loss, params, data, train, probes, [0, 3, 5]))
-  assert [p.step for p in points] == [0, 3, 5]
-  # The "sgd" probe is the training optimizer itself: its update moves x_t to x_{t+1}.
-  replay_params, state = params, train.init(params)
-  for t, batch in enumerate(data):
-    grads = jax.grad(loss)(replay_params, batch)
-    update, state = train.update(grads, state, replay_params)
-    for point in points:
-      if point.step == t:
-        chex.assert_trees_all_close(point.params, replay_params, rtol=1e-6)
-        chex.assert_trees_all_close(point.updates["sgd"], update, rtol=1e-6)
-    replay_params = optax.apply_updates(replay_params, update)
+  tx = probes.with_pseudo_updates(train, {"adam": optclip.adam(1e-3), "sgd": optclip.sgd(0.05)})
+  state, alone = tx.init(params), train.init(params)
+  replay = params
+  for batch in data:
+    grads = jax.grad(loss)(params, batch)
+    updates, state = tx.update(grads, state, params)
+    own, alone = train.update(jax.grad(loss)(replay, batch), alone, replay)
+    chex.assert_trees_all_close(updates, own, rtol=0, atol=0)
+    params, replay = optax.apply_updates(params, updates), optax.apply_updates(replay, own)
+    # The "sgd" probe is the training optimizer itself: its state is the trajectory's.
+    chex.assert_trees_all_close(state.probes["sgd"], state.train, rtol=0, atol=0)
+  chex.assert_trees_all_close(state.train, alone, rtol=0, atol=0)

@@ -8,6 +8,8 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import optclip
+from experiments.figures import plot_coordinate_histograms
+from optclip import geometry
 
 
 def quadratic_problem():
@@ -136,7 +138,7 @@ def test_landscape_and_taylor(name):
           x, jnp.float32)))), rtol=1e-5)
     # Eq. (1) with a tiny step predicts the landscape.
     step = 1e-3 * u / np.linalg.norm(u)
-    terms = optclip.taylor_decomposition(loss, params, unravel(jnp.asarray(step, jnp.float32)))
+    terms = geometry.taylor_decomposition(loss, params, unravel(jnp.asarray(step, jnp.float32)))
     np.testing.assert_allclose(float(terms.first_order), grad @ step, rtol=1e-3, atol=1e-9)
     np.testing.assert_allclose(float(terms.second_order), 0.5 * step @ hessian @ step,
                                rtol=1e-3, atol=1e-9)
@@ -158,7 +160,7 @@ def test_sharpness_attribution_on_a_diagonal_quadratic():
   diag = jnp.array([100.0, 1.0, 1.0, 1.0])
   loss = lambda x: 0.5 * jnp.sum(diag * x * x)
   u = jnp.array([4.0, 1.0, -1.0, 0.5])
-  out = optclip.sharpness_attribution(loss, jnp.zeros(4), u, fractions=(0.25, 1.0))
+  out = geometry.sharpness_attribution(loss, jnp.zeros(4), u, fractions=(0.25, 1.0))
   ua, d = np.asarray(u), np.asarray(diag)
   total = np.sum(d * ua ** 2)
   np.testing.assert_allclose(float(out["sharpness"]), total / np.sum(ua ** 2), rtol=1e-6)
@@ -172,7 +174,7 @@ def test_sharpness_attribution_on_a_diagonal_quadratic():
 
 def test_coordinate_histogram_counts():
   tree = {"a": jnp.array([1e-3, 2e-3, 0.0, -5e-1]), "b": jnp.array([[1e-8]])}
-  counts, edges, zeros = optclip.coordinate_histogram(tree, bins=16, value_range=(-10, 2))
+  counts, edges, zeros = geometry.coordinate_histogram(tree, bins=16, value_range=(-10, 2))
   logs = np.log10([1e-3, 2e-3, 5e-1, 1e-8])
   want, _ = np.histogram(logs, bins=np.asarray(edges))
   np.testing.assert_array_equal(np.asarray(counts), want)
@@ -182,5 +184,5 @@ def test_coordinate_histogram_counts():
 def test_plot_coordinate_histograms(tmp_path):
   tree = {"a": jnp.asarray(np.random.default_rng(0).standard_t(2, 1000), jnp.float32)}
   path = tmp_path / "h.png"
-  optclip.plot_coordinate_histograms({"sgd": optclip.coordinate_histogram(tree)}, str(path))
+  plot_coordinate_histograms({"sgd": geometry.coordinate_histogram(tree)}, str(path), "t")
   assert path.stat().st_size > 1000

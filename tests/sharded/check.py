@@ -72,9 +72,14 @@ def check(spec):
     want = optclip.landscape(loss, params, directions, steps)
     got = jax.jit(lambda p, d: optclip.landscape(s_loss, p, d, steps))(s_params, s_directions)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5)
-    probes = {"sgd": optclip.sgd(0.1), "adam": optclip.adam(1e-3, clip=0.5)}
-    want, _ = optclip.pseudo_updates(probes, [grads, grads], [params, params])
-    got, _ = optclip.pseudo_updates(probes, [s_grads, s_grads], [s_params, s_params])
+    tx = optclip.probes.with_pseudo_updates(
+        optclip.sgd(0.1), {"sgd": optclip.sgd(0.1), "adam": optclip.adam(1e-3, clip=0.5)})
+
+    def pseudo(g, p):
+      state = tx.update(g, tx.init(p), p)[1]
+      return optclip.probes.pseudo_updates(tx, state, g, p)
+
+    want, got = jax.jit(pseudo)(grads, params), jax.jit(pseudo)(s_grads, s_params)
     for w, g in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
       np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-6, atol=1e-9)
     check_search_path(grads, s_grads)
@@ -124,14 +129,14 @@ def check_convolution_and_embedding(mesh):
 
 def check_checkpoint_onto_another_mesh(s_params, params, spec):
   """Saved on this mesh, restored onto another shape (orbax reshards on restore)."""
-  from experiments import common
+  from experiments import checkpoints
   other = sharding.mesh_from_spec("data=1,fsdp=8" if spec != "data=1,fsdp=8" else
                                   "data=4,fsdp=2")
   with tempfile.TemporaryDirectory() as out:
-    common.save_checkpoint(out, "unit", 1, s_params)
+    checkpoints.save(out, "unit", 1, s_params)
     with jax.set_mesh(other):
       like = sharding.shard_params(params, other, min_size=256)
-      restored = common.restore_checkpoint(out, "unit", 1, like)
+      restored = checkpoints.restore(out, "unit", 1, like)
   for name in params:
     np.testing.assert_array_equal(np.asarray(restored[name]), np.asarray(params[name]))
     assert restored[name].sharding == like[name].sharding, name
