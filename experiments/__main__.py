@@ -4,28 +4,21 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
 
-EXPERIMENTS = {
-    "quadratic": "the introduction's f(x) = xᵀAx example",
-    "sharpness": "Table 1 and Tables 4-7: directional sharpness of every algorithm",
-    "landscape": "Figures 2-4, 7-16: loss along every update direction",
-    "histogram": "Figure 1: |update| coordinate histograms, sharpness attribution",
-    "convergence": "Figure 6 with Table 3's learning rates",
-    "smoothness": "Table 8: Gauss-Newton spectral norm with coordinate removal",
-    "resnet": "Table 9: directional sharpness on a ResNet",
-    "theory": "Theorems 1-2 checked on synthetic quadratics",
-    "rmed": "seed 002's R_med along SGD and Adam trajectories",
-}
-REPRODUCE_ORDER = ("quadratic", "theory", "sharpness", "resnet", "smoothness", "convergence")
+from experiments.run_folder import UsageError
 
 
 def _parser():
+  from experiments import registry
   parser = argparse.ArgumentParser(prog="python -m experiments", description=__doc__)
   sub = parser.add_subparsers(dest="command", required=True)
-  for name, help_text in {**EXPERIMENTS, "reproduce": "every experiment, then the report"}.items():
+  commands = {e.name: e.help for e in registry.EXPERIMENTS}
+  commands["reproduce"] = "every experiment, then the report"
+  for name, help_text in commands.items():
     p = sub.add_parser(name, help=help_text)
     p.add_argument("--preset", default="quick", help="smoke, quick or paper (default quick)")
     p.add_argument("--seeds", type=int, nargs="+", default=None,
@@ -47,18 +40,21 @@ def _parser():
   return parser
 
 
-def main(argv=None) -> int:
-  from experiments import common
-  parser = _parser()
-  args = parser.parse_args(argv)
+def main(argv=None, *, after_checkpoint=None) -> int:
+  """Runs the command line; returns the exit code (2 for usage errors, nothing written).
+
+  ``after_checkpoint(unit, epoch)``, if given, runs after every checkpoint save (the
+  resume tests use it to kill the process at a known point).
+  """
+  args = _parser().parse_args(argv)
   try:
     if args.command == "report":
       from experiments import report
       report.build(args.dir)
       print(f"wrote {os.path.join(args.dir, 'report.md')}")
       return 0
-    return _run(args)
-  except common.UsageError as error:
+    return _run(args, after_checkpoint)
+  except UsageError as error:
     print(f"error: {error}", file=sys.stderr)
     return 2
 
@@ -81,32 +77,34 @@ def _initialize_distributed() -> bool:
 
 def _checkpoints(values) -> dict:
   """["translation=/ckpt/t5", ...] -> {"translation": "/ckpt/t5"}, checked before any work."""
-  from experiments import common, tasks
+  from experiments import tasks
   checkpoints = {}
   for value in values:
     name, _, folder = value.partition("=")
     if name not in tasks.CHECKPOINT_FAMILIES or not folder:
-      raise common.UsageError(f"--checkpoint {value!r}: expected TASK=FOLDER with TASK one of "
-                              f"{sorted(tasks.CHECKPOINT_FAMILIES)}")
+      raise UsageError(f"--checkpoint {value!r}: expected TASK=FOLDER with TASK one of "
+                       f"{sorted(tasks.CHECKPOINT_FAMILIES)}")
     if not os.path.isdir(folder):
-      raise common.UsageError(f"--checkpoint {value!r}: {folder} is not a folder (optclip "
-                              "never downloads checkpoints)")
+      raise UsageError(f"--checkpoint {value!r}: {folder} is not a folder (optclip never "
+                       "downloads checkpoints)")
     checkpoints[name] = os.path.abspath(folder)
   return checkpoints
 
 
-def _run(args) -> int:
-  from experiments import common, presets
+def _run(args, after_checkpoint) -> int:
+  from experiments import presets, registry, report, run_folder
+  from experiments.context import Context
+  from experiments.metrics import Metrics
   if args.preset not in presets.PRESETS:
-    raise common.UsageError(f"--preset {args.preset!r} is unknown; choose one of "
-                            f"{sorted(presets.PRESETS)}")
+    raise UsageError(f"--preset {args.preset!r} is unknown; choose one of "
+                     f"{sorted(presets.PRESETS)}")
   preset = presets.PRESETS[args.preset]
   if preset.name == "paper" and not args.data_dir:
-    raise common.UsageError("--preset paper reads the paper's data sets from --data-dir "
-                            "(opus_books, the-stack-smol, imdb, cifar10 saved with "
-                            "`datasets`); optclip never downloads them")
+    raise UsageError("--preset paper reads the paper's data sets from --data-dir "
+                     "(opus_books, the-stack-smol, imdb, cifar10 saved with `datasets`); "
+                     "optclip never downloads them")
   if args.seeds is not None and not args.seeds:
-    raise common.UsageError("--seeds needs at least one seed")
+    raise UsageError("--seeds needs at least one seed")
   seeds = tuple(args.seeds) if args.seeds else preset.seeds
   out = args.out or os.path.join("runs", f"{args.command}-{preset.name}")
   mesh = None
@@ -116,41 +114,36 @@ def _run(args) -> int:
     try:
       mesh = sharding.mesh_from_spec(args.mesh)
     except ValueError as error:
-      raise common.UsageError(f"--mesh: {error}") from error
+      raise UsageError(f"--mesh: {error}") from error
   checkpoints = _checkpoints(args.checkpoint)
-  common.prepare_run_folder(out, args.resume)
-  previous = common.read_config(out)
+  run_folder.prepare(out, args.resume)
+  previous = run_folder.read_config(out)
   if args.resume and previous and previous.get("preset") != preset.name:
-    raise common.UsageError(f"--resume: {out} was run with preset {previous.get('preset')!r}, "
-                            f"not {preset.name!r}")
-  import dataclasses
-  from experiments import context, report
-  names = REPRODUCE_ORDER if args.command == "reproduce" else (args.command,)
-  common.write_config(out, {"command": args.command, "preset": preset.name,
-                            "seeds": list(seeds), "mesh": args.mesh,
-                            "checkpoints": checkpoints,
-                            "preset_values": dataclasses.asdict(preset),
-                            "environment": common.environment()})
-  ctx = context.Context(preset, seeds, out, common.Metrics(out), args.data_dir,
-                        args.cache_dir or os.path.join(out, "cache"), mesh, checkpoints)
+    raise UsageError(f"--resume: {out} was run with preset {previous.get('preset')!r}, "
+                     f"not {preset.name!r}")
+  experiments = ([e for e in registry.EXPERIMENTS if e.in_reproduce]
+                 if args.command == "reproduce" else [registry.BY_NAME[args.command]])
+  run_folder.write_config(out, {"command": args.command, "preset": preset.name,
+                                "seeds": list(seeds), "mesh": args.mesh,
+                                "checkpoints": checkpoints,
+                                "preset_values": dataclasses.asdict(preset),
+                                "environment": run_folder.environment()})
+  ctx = Context(preset, seeds, out, Metrics(out), args.data_dir,
+                args.cache_dir or os.path.join(out, "cache"), mesh, checkpoints,
+                after_checkpoint)
   start = time.time()
-  for name in names:
+  for experiment in experiments:
     began = time.time()
-    module = _module(name)
-    module.run_experiment(ctx) if hasattr(module, "run_experiment") else module.run(ctx)
-    print(f"[{name}] done in {time.time() - began:.0f} s", flush=True)
+    experiment.run(ctx)
+    run_folder.write_config(out, {"data": ctx.data_info})
+    print(f"[{experiment.name}] done in {time.time() - began:.0f} s", flush=True)
   elapsed = round(time.time() - start + previous.get("wall_time_s", 0.0), 1)
-  common.write_config(out, {"wall_time_s": elapsed})
+  run_folder.write_config(out, {"wall_time_s": elapsed})
   report.build(out)
   print(f"wrote {out}/report.md ({elapsed:.0f} s)")
   for line in report.verdict_lines(out):
     print(" -", line)
   return 0
-
-
-def _module(name):
-  import importlib
-  return importlib.import_module(f"experiments.{name}")
 
 
 if __name__ == "__main__":

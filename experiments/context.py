@@ -1,11 +1,12 @@
-"""What every experiment receives: the preset, seeds, run folder and metrics."""
+"""What every experiment receives: the preset, seeds, run folder, metrics and options."""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
-from experiments import common, tasks
+from experiments import tasks, training
+from experiments.metrics import Metrics
 
 
 @dataclasses.dataclass
@@ -13,14 +14,21 @@ class Context:
   preset: Any
   seeds: tuple
   out: str
-  metrics: common.Metrics
+  metrics: Metrics
   data_dir: str | None = None
   cache_dir: str | None = None
   mesh: Any = None
   checkpoints: dict = dataclasses.field(default_factory=dict)  # task name -> HF folder
+  # Runs after every checkpoint save, with (unit, epoch); tests inject one that kills.
+  after_checkpoint: Callable | None = None
+  # What each task was built from (source, sizes, hashes), for config.json.
+  data_info: dict = dataclasses.field(default_factory=dict)
 
   def task(self, name: str, seed: int):
     task = tasks.build(name, self.preset, seed, self.data_dir, self.cache_dir,
                        self.checkpoints)
-    common.write_config(self.out, {"data": {name: task.info}})
+    self.data_info[name] = task.info
     return task
+
+  def checkpointing(self, unit: str, epochs) -> training.Checkpointing:
+    return training.Checkpointing(self.out, unit, frozenset(epochs), self.after_checkpoint)

@@ -6,140 +6,120 @@ from __future__ import annotations
 
 import functools
 
-import jax
+import matplotlib.cm as cm
 import numpy as np
-import optax
 
-import optclip
-from experiments import common, paper_values
+from experiments import paper_values, training
+from experiments.figures import new_figure, save_figure
 from experiments.presets import TABLE3_LEARNING_RATES
+from experiments.run_folder import figure_path
+from experiments.tables import mean_std, write_table
+from experiments.variants import by_label
 
 NAME = "convergence"
-
-_FACTORIES = {
-    "sgd": (optclip.sgd, {}), "sgd, clip grad 0.1": (optclip.sgd, {"clip": 0.1}),
-    "adam": (optclip.adam, {}), "adam, clip grad 0.5": (optclip.adam, {"clip": 0.5}),
-    "adafactor": (optclip.adafactor, {}),
-    "adafactor, clip grad 0.5": (optclip.adafactor, {"clip": 0.5}),
-    "lion": (optclip.lion, {}), "sign sgd": (optclip.sign_sgd, {}),
-    "normalized sgd": (optclip.normalized_sgd, {}),
-    "normalized sgd, clip grad 0.1": (optclip.normalized_sgd, {"clip": 0.1}),
-}
-
-
-def optimizer(name: str, learning_rate):
-  factory, kwargs = _FACTORIES[name]
-  if learning_rate is None:  # Adafactor's relative step size
-    return factory(**kwargs)
-  # The learning rate is a hyperparameter in the state: one compile serves every rate.
-  return optax.inject_hyperparams(factory, static_args=tuple(kwargs))(
-      learning_rate=learning_rate, **kwargs)
+VARIANTS = by_label(v for rates in TABLE3_LEARNING_RATES.values() for v in rates)
 
 
 @functools.lru_cache(maxsize=None)
-def _step(model, name: str, relative: bool, mesh=None):
-  loss_fn = common.model_loss(model, mesh)
-  tx = optimizer(name, None if relative else 1.0)
-  return tx, common.train_step(loss_fn, tx)
+def _step(model, variant, relative: bool, mesh=None):
+  """One compiled step per (model, variant): the learning rate lives in the state."""
+  tx = variant.make(None if relative else 1.0, tunable=True)
+  return training.train_step(training.model_loss(model, mesh), tx)
 
 
-def train_curve(task, name: str, learning_rate, seed: int, epochs: int, mesh=None) -> list:
+def train_curve(task, variant, learning_rate, seed: int, epochs: int, mesh=None) -> list:
   """Mean training loss per epoch; on ``mesh`` sharded as in `optclip.sharding.placement`."""
   from optclip import sharding
   context, place, place_batch = sharding.placement(mesh)
+  curve = []
   with context:
-    tx, step = _step(task.model, name, learning_rate is None, mesh)
-    params = common.owned_copy(place(task.init_params(seed)))
-    state = common.owned_copy(place(tx.init(params)))
-    if learning_rate is not None:
-      state.hyperparams["learning_rate"] = jax.numpy.asarray(learning_rate, jax.numpy.float32)
-    curve = []
-    for epoch in common.progress(range(epochs), desc=f"{task.name} {name} lr={learning_rate}"):
-      losses = []
-      for batch in task.epoch_batches(seed, epoch):
-        params, state, loss = step(params, state, place_batch(batch))
-        losses.append(loss)
-      curve.append(float(np.mean(jax.device_get(losses))))
+    step = _step(task.model, variant, learning_rate is None, mesh)
+    state = training.initial_state(variant.make(learning_rate, tunable=True),
+                                   task.init_params(seed), place)
+    training.run_epochs(step, state, lambda epoch: task.epoch_batches(seed, epoch), epochs,
+                        steps_per_epoch=task.batches_per_epoch, place_batch=place_batch,
+                        on_epoch_end=lambda epoch, state, loss: curve.append(loss),
+                        description=f"{task.name} {variant.label} lr={learning_rate}")
   return curve
 
 
 def run(ctx) -> None:
-  preset = ctx.preset
+  preset, metrics = ctx.preset, ctx.metrics
   for task_name, rates in TABLE3_LEARNING_RATES.items():
-    for name, base_rate in rates.items():
+    for variant, base_rate in rates.items():
+      name = variant.label
       multipliers = (1.0,) if base_rate is None else preset.convergence_lr_multipliers
       chosen_key = f"{task_name}/{name}/chosen"
-      if not ctx.metrics.has(chosen_key):
+
+      def curve_for(seed, multiplier, task):
+        key = f"{task_name}/{name}/lr{multiplier:g}/seed{seed}"
+        if not metrics.has(key):
+          lr = None if base_rate is None else base_rate * multiplier
+          metrics.log(NAME, key, task=task_name, algorithm=name, learning_rate=lr,
+                      multiplier=multiplier, seed=seed,
+                      curve=train_curve(task(), variant, lr, seed, preset.convergence_epochs,
+                                        ctx.mesh))
+        return metrics.get(key)["curve"]
+
+      if not metrics.has(chosen_key):
         first = ctx.seeds[0]
-        task = ctx.task(task_name, first)
+        task = functools.lru_cache(maxsize=None)(lambda: ctx.task(task_name, first))
         finals = {}
         for m in multipliers:
-          lr = None if base_rate is None else base_rate * m
-          key = f"{task_name}/{name}/lr{m:g}/seed{first}"
-          if not ctx.metrics.has(key):
-            ctx.metrics.log(NAME, key, task=task_name, algorithm=name, learning_rate=lr,
-                            multiplier=m, seed=first,
-                            curve=train_curve(task, name, lr, first, preset.convergence_epochs,
-                                              ctx.mesh))
-          curve = next(r for r in ctx.metrics.records if r["key"] == key)["curve"]
-          finals[m] = curve[-1] if np.isfinite(curve[-1]) else np.inf
+          final = curve_for(first, m, task)[-1]
+          finals[m] = final if np.isfinite(final) else np.inf
         best = min(finals, key=finals.get)
-        ctx.metrics.log(NAME, chosen_key, task=task_name, algorithm=name, multiplier=best,
-                        table3_learning_rate=base_rate, scanned=list(multipliers))
-      best = next(r for r in ctx.metrics.records if r["key"] == chosen_key)["multiplier"]
-      lr = None if base_rate is None else base_rate * best
+        metrics.log(NAME, chosen_key, task=task_name, algorithm=name, multiplier=best,
+                    table3_learning_rate=base_rate, scanned=list(multipliers))
+      best = metrics.get(chosen_key)["multiplier"]
       for seed in ctx.seeds[1:]:
-        key = f"{task_name}/{name}/lr{best:g}/seed{seed}"
-        if not ctx.metrics.has(key):
-          task = ctx.task(task_name, seed)
-          ctx.metrics.log(NAME, key, task=task_name, algorithm=name, learning_rate=lr,
-                          multiplier=best, seed=seed,
-                          curve=train_curve(task, name, lr, seed, preset.convergence_epochs,
-                                            ctx.mesh))
+        curve_for(seed, best, lambda seed=seed: ctx.task(task_name, seed))
 
 
-def write(out: str, records) -> tuple[str, list]:
+def write(out: str, records):
   chosen = {(r["task"], r["algorithm"]): r for r in records if r["key"].endswith("/chosen")}
+  if not chosen:
+    return None
   rows, verdicts, sections = [], [], []
   for task in TABLE3_LEARNING_RATES:
     names = [n for (t, n) in chosen if t == task]
     if not names:
       continue
-    fig, ax = common.new_figure(figsize=(6.5, 4.2))
+    fig, ax = new_figure(figsize=(6.5, 4.2))
     finals = {}
-    import matplotlib.cm as cm
-    bases = list(dict.fromkeys(n.split(",")[0] for n in names))
+    bases = list(dict.fromkeys(VARIANTS[n].base for n in names))
     for name in names:
-      pick = chosen[(task, name)]
+      pick, variant = chosen[(task, name)], VARIANTS[name]
       curves = [r["curve"] for r in records if r.get("task") == task and
                 r.get("algorithm") == name and "curve" in r and
                 r["multiplier"] == pick["multiplier"]]
       mean = np.mean(np.asarray(curves, np.float64), axis=0)
       finals[name] = mean[-1]
       ax.plot(np.arange(1, len(mean) + 1), mean, label=name,
-              color=cm.tab10(bases.index(name.split(",")[0]) % 10),
-              alpha=0.45 if "clip" in name else 1.0,
-              linestyle="--" if "clip" in name else "-")
+              color=cm.tab10(bases.index(variant.base) % 10),
+              alpha=0.45 if variant.clipped else 1.0,
+              linestyle="--" if variant.clipped else "-")
       lr = pick["table3_learning_rate"]
       rows.append([task, name, "relative" if lr is None else lr, pick["multiplier"],
-                   len(curves), mean[0], mean[-1], common.mean_std([c[-1] for c in curves])[1]])
+                   len(curves), mean[0], mean[-1], mean_std([c[-1] for c in curves])[1]])
     ax.set_yscale("log")
     ax.set_xlabel("epoch")
     ax.set_ylabel("training loss")
     ax.set_title(f"Convergence, {task} (Figure 6)")
     ax.legend(fontsize=6, ncol=2)
-    common.save_figure(fig, common.figure_path(out, f"convergence_{task}"))
-    wins = [(n, finals[n.split(",")[0]], finals[n]) for n in names
-            if ", clip" in n and n.split(",")[0] in finals]
+    save_figure(fig, figure_path(out, f"convergence_{task}"))
+    wins = [(finals[VARIANTS[n].unclipped.label], finals[n]) for n in names
+            if VARIANTS[n].clipped and VARIANTS[n].unclipped.label in finals]
     if wins:
-      better = sum(c < b for _, b, c in wins)
-      verdicts.append(f"{paper_values.CLAIMS['convergence']} — {task}: "
-                      f"**{'reproduced' if better == len(wins) else ('partly reproduced' if better else 'not reproduced')}**"
+      better = sum(clipped < base for base, clipped in wins)
+      status = ("reproduced" if better == len(wins) else
+                "partly reproduced" if better else "not reproduced")
+      verdicts.append(f"{paper_values.CLAIMS['convergence']} — {task}: **{status}**"
                       f", clipped variant ends lower in {better}/{len(wins)} pairs")
-  table = common.write_table(out, "convergence", ["task", "algorithm", "Table 3 lr",
-                                                  "lr multiplier used", "seeds",
-                                                  "first-epoch loss", "final loss (mean)",
-                                                  "final std"], rows)
+  table = write_table(out, "convergence", ["task", "algorithm", "Table 3 lr",
+                                           "lr multiplier used", "seeds",
+                                           "first-epoch loss", "final loss (mean)",
+                                           "final std"], rows)
   sections.append("### Convergence (Figure 6, Table 3 learning rates)\n\nThe multiplier is "
                   "the best of the preset's scan on the first seed (1 = Table 3 as published)."
                   "\n\nFigures: `figures/convergence_<task>.png`.\n\n" + table)

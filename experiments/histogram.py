@@ -5,32 +5,27 @@ from __future__ import annotations
 
 import numpy as np
 
-from experiments import common, paper_values, probing
+from experiments import paper_values, probing
+from experiments.figures import plot_coordinate_histograms
+from experiments.run_folder import figure_path
+from experiments.tables import mean_std, write_table
 
 NAME = "histogram"
 
 
-def run(ctx) -> None:
-  probing.run_transformer_units(ctx)
-
-
-def write(out: str, records) -> tuple[str, list]:
+def write(out: str, records):
   groups = probing.grouped(records)
+  if not groups:
+    return None
   sections, verdicts, rows = [], [], []
   for (task, traj), by_epoch in sorted(groups.items()):
     last = by_epoch[max(by_epoch)][0]
     low, high = last["histogram_range"]
-    fig, ax = common.new_figure(figsize=(6.5, 4))
-    for name, (counts, zeros) in last["histograms"].items():
-      counts = np.asarray(counts, np.float64)
-      edges = np.linspace(low, high, len(counts) + 1)
-      ax.stairs(counts / max(counts.sum() + zeros, 1), 10.0 ** edges, label=name)
-    ax.set_xscale("log")
-    ax.set_xlabel("|coordinate| of the update direction")
-    ax.set_ylabel("fraction of coordinates")
-    ax.set_title(f"{task}, {traj} trajectory, epoch {last['epoch']}")
-    ax.legend()
-    common.save_figure(fig, common.figure_path(out, f"histogram_{task}_{traj}"))
+    edges = np.linspace(low, high, len(next(iter(last["histograms"].values()))[0]) + 1)
+    plot_coordinate_histograms(
+        {name: (counts, edges, zeros) for name, (counts, zeros) in last["histograms"].items()},
+        figure_path(out, f"histogram_{task}_{traj}"),
+        f"{task}, {traj} trajectory, epoch {last['epoch']}")
     for epoch, runs in sorted(by_epoch.items()):
       fractions = runs[0]["attribution"]["fractions"]
       for i, fraction in enumerate(fractions):
@@ -38,9 +33,9 @@ def write(out: str, records) -> tuple[str, list]:
         norm = [r["attribution"]["norm_share"][i] for r in runs]
         clipped = [r["attribution"]["sharpness_clipped"][i] / r["attribution"]["sharpness"]
                    for r in runs]
-        rows.append([task, traj, epoch, fraction, common.mean_std(share)[0],
-                     common.mean_std(norm)[0], common.mean_std(clipped)[0]])
-  table = common.write_table(out, "sharpness_attribution",
+        rows.append([task, traj, epoch, fraction, mean_std(share)[0],
+                     mean_std(norm)[0], mean_std(clipped)[0]])
+  table = write_table(out, "sharpness_attribution",
                              ["task", "trajectory", "epoch", "top fraction",
                               "share of SGD sharpness", "share of ‖u‖²",
                               "clipped / full sharpness"], rows)

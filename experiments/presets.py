@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from experiments.variants import Variant
+
 
 @dataclasses.dataclass(frozen=True)
 class TaskPreset:
@@ -104,12 +106,15 @@ PRESETS = {p.name: p for p in (SMOKE, QUICK, PAPER)}
 
 # Table 3 of the paper (learning rates of the convergence experiment); None = relative step.
 TABLE3_LEARNING_RATES = {
-    "translation": {"sgd": 1e-3, "sgd, clip grad 0.1": 1e-3, "adam": 2e-3,
-                    "adam, clip grad 0.5": 3e-3, "adafactor": None,
-                    "adafactor, clip grad 0.5": 3e-2, "lion": 2e-3,
-                    # printed as "2^-3" in the extracted table; 2e-3 is the plausible reading
-                    "sign sgd": 2e-3,
-                    "normalized sgd": 5e-4, "normalized sgd, clip grad 0.1": 6e-4},
-    "code": {"sgd": 3e-5, "adam": 1e-4, "adam, clip grad 0.5": 1.5e-4, "adafactor": 5e-4,
-             "adafactor, clip grad 0.5": 5e-3, "lion": 2e-4},
+    "translation": {
+        Variant("sgd"): 1e-3, Variant("sgd", clip=0.1): 1e-3, Variant("adam"): 2e-3,
+        Variant("adam", clip=0.5): 3e-3, Variant("adafactor"): None,
+        Variant("adafactor", clip=0.5): 3e-2, Variant("lion"): 2e-3,
+        # printed as "2^-3" in the extracted table; 2e-3 is the plausible reading
+        Variant("sign sgd"): 2e-3,
+        Variant("normalized sgd"): 5e-4, Variant("normalized sgd", clip=0.1): 6e-4},
+    "code": {
+        Variant("sgd"): 3e-5, Variant("adam"): 1e-4, Variant("adam", clip=0.5): 1.5e-4,
+        Variant("adafactor"): 5e-4, Variant("adafactor", clip=0.5): 5e-3,
+        Variant("lion"): 2e-4},
 }

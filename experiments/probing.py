@@ -7,18 +7,22 @@ import collections
 import numpy as np
 
 from experiments import trajectory
+from experiments.variants import by_label
 
 TRANSFORMER_TASKS = ("translation", "code")
-TRAJECTORIES = ("sgd", "adam")
 
 
 def run_transformer_units(ctx) -> None:
   for task_name in TRANSFORMER_TASKS:
     for seed in ctx.seeds:
       task = ctx.task(task_name, seed)
-      for name in TRAJECTORIES:
-        trajectory.run(task, name, seed, ctx.preset, ctx.out, ctx.metrics,
-                       mesh=ctx.mesh)
+      for name in trajectory.TRAJECTORIES:
+        trajectory.run(ctx, task, name, seed)
+
+
+def is_probe(record, kind=None) -> bool:
+  return (record["experiment"] == trajectory.EXPERIMENT and record["key"].endswith("/probe")
+          and (kind is None or record["kind"] == kind))
 
 
 def grouped(records, kind="transformer"):
@@ -35,12 +39,12 @@ def ratios(record) -> dict:
   return {name: value / base for name, value in sharp.items()}
 
 
-def unclipped_pairs(algorithms):
-  """(unclipped, clipped-gradient) name pairs present in ``algorithms``."""
+def unclipped_pairs(labels):
+  """(unclipped, clipped-gradient) label pairs present in ``labels``."""
+  known = by_label(v for probes in trajectory.PROBES.values() for v in probes)
   pairs = []
-  for name in algorithms:
-    if ", clip grad" in name:
-      base = name.split(",")[0]
-      if base in algorithms:
-        pairs.append((base, name))
+  for label in labels:
+    variant = known[label]
+    if variant.clip is not None and variant.unclipped.label in labels:
+      pairs.append((variant.unclipped.label, label))
   return pairs

@@ -9,7 +9,6 @@ we report its loss curve.
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +16,8 @@ import numpy as np
 import optax
 
 import optclip
+from experiments.figures import new_figure, save_figure
+from experiments.run_folder import figure_path, table_path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +57,7 @@ def loss_curve(loss_fn, tx, x0, steps: int) -> np.ndarray:
   return np.asarray(run(x0))
 
 
-def run(config: QuadraticConfig = QuadraticConfig()) -> dict:
+def best_curves(config: QuadraticConfig = QuadraticConfig()) -> dict:
   """Returns {optimizer: {"learning_rate": best, "losses": curve}}."""
   loss_fn = objective(config)
   x0 = jax.random.normal(jax.random.key(config.seed), (config.dim,))
@@ -83,41 +84,37 @@ def table(results: dict, every: int = 10) -> str:
 
 
 def plot(results: dict, path: str) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(6, 4))
+  fig, ax = new_figure(figsize=(6, 4))
   for name, r in results.items():
     ax.semilogy(r["losses"], label=f"{name} (lr {r['learning_rate']:g})")
   ax.set_xlabel("step")
   ax.set_ylabel("f(x) = xᵀAx")
   ax.set_title("Quadratic with one sharp coordinate (A₁₁ = 100)")
   ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  save_figure(fig, path)
 
 
 NAME = "quadratic"
 
 
-def run_experiment(ctx) -> None:
-  """The CLI entry: one record per optimizer (the best of the learning-rate grid)."""
+def run(ctx) -> None:
+  """One record per optimizer (the best of the learning-rate grid)."""
   for seed in ctx.seeds:
     config = QuadraticConfig(seed=seed)
-    for name, result in run(config).items():
+    for name, result in best_curves(config).items():
       ctx.metrics.log(NAME, f"quadratic/seed{seed}/{name}", seed=seed, algorithm=name,
                       learning_rate=result["learning_rate"], losses=result["losses"])
 
 
-def write(out: str, records) -> tuple[str, list]:
-  from experiments import common
+def write(out: str, records):
+  if not records:
+    return None
   first = min(r["seed"] for r in records)
   results = {r["algorithm"]: {"learning_rate": r["learning_rate"], "losses": r["losses"]}
              for r in records if r["seed"] == first}
-  plot(results, common.figure_path(out, "quadratic"))
+  plot(results, figure_path(out, "quadratic"))
   markdown = table(results)
-  with open(os.path.join(out, "tables", "quadratic.md"), "w") as f:
+  with open(table_path(out, "quadratic", "md"), "w") as f:
     f.write(markdown + "\n")
   final = {n: r["losses"][10] for n, r in results.items()}
   clipped = next(n for n in final if "clip" in n)

@@ -5,45 +5,25 @@ from __future__ import annotations
 
 import os
 
-from experiments import common
-
-ORDER = ("quadratic", "sharpness", "landscape", "histogram", "convergence", "smoothness",
-         "resnet", "theory", "rmed")
-
-
-def _module(name):
-  import importlib
-  return importlib.import_module(f"experiments.{name}")
+from experiments import registry
+from experiments.metrics import read_metrics
+from experiments.run_folder import UsageError, read_config
 
 
-def _records_for(name, records):
-  from experiments import trajectory
-  if name in ("sharpness", "landscape", "histogram", "rmed", "resnet"):
-    return [r for r in records if r["experiment"] == trajectory.EXPERIMENT]
-  return [r for r in records if r["experiment"] == name]
-
-
-def build(out: str, experiments=ORDER) -> str:
+def build(out: str) -> str:
   if not os.path.isdir(out):
-    raise common.UsageError(f"{out!r} is not a run folder")
+    raise UsageError(f"{out!r} is not a run folder")
   for sub in ("tables", "figures"):
     os.makedirs(os.path.join(out, sub), exist_ok=True)
-  records = common.read_metrics(out)
-  config = common.read_config(out)
+  records = read_metrics(out)
+  config = read_config(out)
   sections, verdicts = [], []
-  for name in experiments:
-    mine = _records_for(name, records)
-    if name == "resnet" and not any(r.get("kind") == "resnet" for r in mine):
-      continue
-    if name in ("sharpness", "landscape", "histogram", "rmed") and not any(
-        r.get("kind") == "transformer" and r["key"].endswith("/probe") for r in mine):
-      if name != "rmed" or not mine:
-        continue
-    if not mine:
-      continue
-    text, lines = _module(name).write(out, mine)
-    sections.append(text)
-    verdicts += lines
+  for experiment in registry.EXPERIMENTS:
+    written = experiment.report(out, [r for r in records if experiment.reads(r)])
+    if written is not None:
+      text, lines = written
+      sections.append(text)
+      verdicts += lines
   header = [f"# optclip reproduction report",
             "",
             f"Pan & Li (2023), *Toward Understanding Why Adam Converges Faster Than SGD for "

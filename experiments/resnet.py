@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from experiments import common, paper_values, probing, trajectory
+from experiments import paper_values, probing, trajectory
+from experiments.tables import mean_std, write_table
 
 NAME = "resnet"
 
@@ -12,23 +13,25 @@ NAME = "resnet"
 def run(ctx) -> None:
   for seed in ctx.seeds:
     task = ctx.task("images", seed)
-    trajectory.run(task, "sgd", seed, ctx.preset, ctx.out, ctx.metrics, kind="resnet",
-                   epochs=ctx.preset.resnet_epochs, probe_epochs=ctx.preset.resnet_probe_epochs, mesh=ctx.mesh)
+    trajectory.run(ctx, task, "sgd", seed, kind="resnet", epochs=ctx.preset.resnet_epochs,
+                   probe_epochs=ctx.preset.resnet_probe_epochs)
 
 
-def write(out: str, records) -> tuple[str, list]:
+def write(out: str, records):
   groups = probing.grouped(records, "resnet")
+  if not groups:
+    return None
   rows, adam = [], []
   paper_epochs = sorted(paper_values.TABLE9)
   for (task, traj), by_epoch in sorted(groups.items()):
     for position, (epoch, runs) in enumerate(sorted(by_epoch.items())):
       paper_epoch = paper_epochs[position] if position < len(paper_epochs) else None
       for name in runs[0]["algorithms"]:
-        mean, std = common.mean_std([probing.ratios(r)[name] for r in runs])
+        mean, std = mean_std([probing.ratios(r)[name] for r in runs])
         rows.append([epoch, name, mean, std, paper_epoch or "",
                      paper_values.TABLE9.get(paper_epoch, {}).get(name, "")])
       adam += [probing.ratios(r)["adam"] for r in runs]
-  table = common.write_table(out, "resnet_sharpness", ["epoch", "algorithm", "ratio to SGD",
+  table = write_table(out, "resnet_sharpness", ["epoch", "algorithm", "ratio to SGD",
                                                        "std", "paper epoch", "paper ratio"], rows)
   verdicts = []
   transformer = [probing.ratios(r)["adam"] for by_epoch in probing.grouped(records).values()

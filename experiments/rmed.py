@@ -6,23 +6,22 @@ from __future__ import annotations
 
 import numpy as np
 
-from experiments import common, paper_values, probing
+from experiments import paper_values, probing
+from experiments.tables import mean_std, write_table
 
 NAME = "rmed"
 
 
-def run(ctx) -> None:
-  probing.run_transformer_units(ctx)
-
-
-def write(out: str, records) -> tuple[str, list]:
+def write(out: str, records):
+  if not any(probing.is_probe(r) for r in records):
+    return None
   rows, verdicts = [], []
   for kind in ("transformer", "resnet"):
     for (task, traj), by_epoch in sorted(probing.grouped(records, kind).items()):
       for epoch, runs in sorted(by_epoch.items()):
-        mean, std = common.mean_std([r["r_med"] for r in runs])
+        mean, std = mean_std([r["r_med"] for r in runs])
         rows.append([task, traj, epoch, mean, std])
-  table = common.write_table(out, "rmed", ["task", "trajectory", "epoch", "R_med (mean)",
+  table = write_table(out, "rmed", ["task", "trajectory", "epoch", "R_med (mean)",
                                            "std"], rows)
   for task in sorted({r[0] for r in rows}):
     by_traj = {t: np.mean([r[3] for r in rows if r[0] == task and r[1] == t])

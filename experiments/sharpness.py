@@ -5,21 +5,20 @@ from __future__ import annotations
 
 import numpy as np
 
-from experiments import common, paper_values, probing
+from experiments import paper_values, probing, trajectory
+from experiments.tables import mean_std, write_table
 
 NAME = "sharpness"
 
 
-def run(ctx) -> None:
-  probing.run_transformer_units(ctx)
-
-
-def write(out: str, records) -> tuple[str, list]:
+def write(out: str, records):
   groups = probing.grouped(records)
+  if not groups:
+    return None
   sections, verdicts = [], []
-  for (task, trajectory), by_epoch in sorted(groups.items()):
+  for (task, traj), by_epoch in sorted(groups.items()):
     rows = []
-    paper = paper_values.SHARPNESS_RATIO.get((task, trajectory), {})
+    paper = paper_values.SHARPNESS_RATIO.get((task, traj), {})
     paper_epochs = sorted(paper)
     for position, epoch in enumerate(sorted(by_epoch)):
       runs = by_epoch[epoch]
@@ -29,16 +28,16 @@ def write(out: str, records) -> tuple[str, list]:
         ratio = [probing.ratios(r)[name] for r in runs]
         raw = [dict(zip(r["algorithms"], r["sharpness"]))[name] for r in runs]
         shifted = any(dict(zip(r["algorithms"], r["shifted"]))[name] for r in runs)
-        mean, std = common.mean_std(ratio)
+        mean, std = mean_std(ratio)
         paper_ratio = paper.get(paper_epoch, {}).get(name) if paper_epoch else None
-        rows.append([epoch, name + (" †" if shifted else ""), common.mean_std(raw)[0], mean,
+        rows.append([epoch, name + (" †" if shifted else ""), mean_std(raw)[0], mean,
                      std, paper_epoch if paper_ratio is not None else "",
                      paper_ratio if paper_ratio is not None else ""])
-    table = common.write_table(
-        out, f"sharpness_{task}_{trajectory}",
+    table = write_table(
+        out, f"sharpness_{task}_{traj}",
         ["epoch", "algorithm", "sharpness (mean)", "ratio to SGD (mean)", "ratio std",
          "paper epoch", "paper ratio"], rows)
-    sections.append(f"### Directional sharpness, {task}, {trajectory} trajectory\n\n"
+    sections.append(f"### Directional sharpness, {task}, {traj} trajectory\n\n"
                     "† = negative at x for some seed; evaluated at x + δu/‖u‖, δ = 0.01 "
                     "(Appendix B, Eq. 4).\n\n" + table)
   verdicts += _verdicts(groups)
@@ -48,7 +47,7 @@ def write(out: str, records) -> tuple[str, list]:
 def _verdicts(groups) -> list:
   lines = []
   for task in probing.TRANSFORMER_TASKS:
-    ratios = [probing.ratios(r)["adam"] for traj in probing.TRAJECTORIES
+    ratios = [probing.ratios(r)["adam"] for traj in trajectory.TRAJECTORIES
               for runs in groups.get((task, traj), {}).values() for r in runs]
     if ratios:
       median = float(np.median(ratios))

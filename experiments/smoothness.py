@@ -9,10 +9,11 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-import optclip
-from experiments import common, paper_values
+from experiments import paper_values, training
+from experiments.tables import mean_std, write_table
+from experiments.variants import Variant
+from optclip import curvature
 
 NAME = "smoothness"
 
@@ -32,18 +33,22 @@ def per_example_gauss_newton_factors(model):
   return jax.vmap(one, in_axes=(None, 0))
 
 
+# Appendix D.1: BERT trained with Adam (learning rate 1e-4 in the paper).
+TRAINING = Variant("adam")
+
+
 @functools.lru_cache(maxsize=None)
 def _functions(model, mesh=None):
-  loss_fn = common.model_loss(model, mesh)
   factors = per_example_gauss_newton_factors(model)
-  tx = optax.inject_hyperparams(optclip.adam)(learning_rate=1.0)
 
   @jax.jit
   def measure(params, batch):
-    return optclip.gauss_newton_spectral_norm(lambda p, b: factors(p, {k: b[k] for k in (
+    return curvature.gauss_newton_spectral_norm(lambda p, b: factors(p, {k: b[k] for k in (
         "input_ids", "attention_mask")}), params, batch)
 
-  return tx, common.train_step(loss_fn, tx), measure
+  # One compiled step for every learning rate: the rate lives in the state.
+  step = training.train_step(training.model_loss(model, mesh), TRAINING.make(1.0, tunable=True))
+  return step, measure
 
 
 def run(ctx) -> None:
@@ -58,33 +63,39 @@ def run(ctx) -> None:
 def _run_seed(ctx, seed, place, place_batch) -> None:
   preset = ctx.preset
   task = ctx.task("classification", seed)
-  tx, step, measure = _functions(task.model, ctx.mesh)
-  params = common.owned_copy(place(task.init_params(seed)))
-  state = common.owned_copy(place(tx.init(params)))
-  state.hyperparams["learning_rate"] = jnp.asarray(preset.smoothness_learning_rate)
+  step, measure = _functions(task.model, ctx.mesh)
+  state = training.initial_state(
+      TRAINING.make(preset.smoothness_learning_rate, tunable=True), task.init_params(seed),
+      place)
   size = len(task.test_batch["label"])
   test_batch = place_batch(task.test_batch)
-  for epoch in common.progress(range(preset.smoothness_epochs), desc=f"smoothness seed {seed}"):
-    result = jax.device_get(measure(params, test_batch))
+
+  def on_epoch_start(epoch, state):
+    result = jax.device_get(measure(state.params, test_batch))
     ctx.metrics.log(NAME, f"smoothness/seed{seed}/epoch{epoch}", seed=seed, epoch=epoch,
                     L=float(result.spectral_norm) / size,
                     l=float(result.reduced_spectral_norm) / size,
                     ratio=float(result.ratio), epsilon=float(result.fraction_removed))
-    for batch in task.epoch_batches(seed, epoch):
-      params, state, _ = step(params, state, place_batch(batch))
+
+  training.run_epochs(step, state, lambda epoch: task.epoch_batches(seed, epoch),
+                      preset.smoothness_epochs, steps_per_epoch=task.batches_per_epoch,
+                      place_batch=place_batch, on_epoch_start=on_epoch_start,
+                      description=f"smoothness seed {seed}")
   ctx.metrics.log(NAME, f"smoothness/seed{seed}/done", seed=seed)
 
 
-def write(out: str, records) -> tuple[str, list]:
+def write(out: str, records):
   records = [r for r in records if "ratio" in r]
+  if not records:
+    return None
   rows = []
   for epoch in sorted({r["epoch"] for r in records}):
     runs = [r for r in records if r["epoch"] == epoch]
     paper = paper_values.TABLE8.get(epoch)
-    rows.append([epoch, *(common.mean_std([r[f] for r in runs])[0]
+    rows.append([epoch, *(mean_std([r[f] for r in runs])[0]
                           for f in ("L", "l", "ratio", "epsilon")),
                  *(paper if paper else ("",) * 4)])
-  table = common.write_table(out, "smoothness", ["epoch", "L", "ℓ", "L/ℓ", "ε", "paper L",
+  table = write_table(out, "smoothness", ["epoch", "L", "ℓ", "L/ℓ", "ε", "paper L",
                                                  "paper ℓ", "paper L/ℓ", "paper ε"], rows)
   verdicts = []
   if rows:

@@ -15,7 +15,7 @@ import numpy as np
 import optclip.models as models
 from optclip.data import batching, classification, code, images, tokenization, translation
 from optclip.data.common import DataNotFound
-from experiments.common import UsageError
+from experiments.run_folder import UsageError
 from experiments.presets import TaskPreset
 
 MASK_PROBABILITY = 0.15

@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import optclip
-from experiments import common, paper_values
+from experiments import paper_values
+from experiments.tables import mean_std, write_table
 
 NAME = "theory"
 SHARP, SMOOTH = 1000.0, 1.0
@@ -48,15 +49,17 @@ def run(ctx) -> None:
                           L=SHARP, l=SMOOTH, **measure(ctx.preset.theory_dim, epsilon, delta, seed))
 
 
-def write(out: str, records) -> tuple[str, list]:
+def write(out: str, records):
+  if not records:
+    return None
   rows = []
   for epsilon in EPSILONS:
     for delta in sorted({r["delta"] for r in records if r["epsilon"] == epsilon}):
       runs = [r for r in records if r["epsilon"] == epsilon and r["delta"] == delta]
-      get = lambda a, f: common.mean_std([r[a][f] for r in runs])[0]
+      get = lambda a, f: mean_std([r[a][f] for r in runs])[0]
       rows.append([epsilon, delta, get("sgd", "sharpness"), get("clipped sgd", "sharpness"),
                    runs[0]["bound"], get("sgd", "reduction"), get("clipped sgd", "reduction")])
-  table = common.write_table(out, "theory", ["ε", "δ (clip fraction)", "SGD sharpness",
+  table = write_table(out, "theory", ["ε", "δ (clip fraction)", "SGD sharpness",
                                              "clipped SGD sharpness", "√ε·L + ℓ",
                                              "SGD best reduction", "clipped best reduction"], rows)
   verdicts = []

@@ -20,6 +20,18 @@ def _cli(args, env=None, timeout=900):
                         env=environment, capture_output=True, text=True, timeout=timeout)
 
 
+def _killed_after_first_checkpoint(args):
+  """Runs the CLI in a subprocess that SIGKILLs itself right after its first checkpoint."""
+  code = ("import os, signal, sys\n"
+          "from experiments.__main__ import main\n"
+          "kill = lambda unit, epoch: os.kill(os.getpid(), signal.SIGKILL)\n"
+          f"sys.exit(main({list(args)!r}, after_checkpoint=kill))\n")
+  environment = {**os.environ, "OPTCLIP_NO_PROGRESS": "1"}
+  environment["PYTHONPATH"] = ROOT + os.pathsep + environment.get("PYTHONPATH", "")
+  return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=environment,
+                        capture_output=True, text=True, timeout=900)
+
+
 def test_bad_arguments_exit_2_and_overwrite_nothing(tmp_path, capsys):
   assert main(["theory", "--preset", "huge", "--out", str(tmp_path / "a")]) == 2
   assert "--preset 'huge' is unknown" in capsys.readouterr().err
@@ -82,10 +94,10 @@ def test_smoke_reproduce_is_complete_and_resume_matches_an_uninterrupted_run(tmp
     landscape = np.asarray(r["landscape"], np.float64)
     np.testing.assert_allclose(landscape[:, 0], r["loss"], rtol=1e-5)
     assert np.all(np.isfinite(np.asarray(r["sharpness"], np.float64)))
-  # A run killed right after its first checkpoint, then resumed, ends with the same metrics.
-  first = _cli(["resnet", "--preset", "smoke", "--out", killed],
-               env={"OPTCLIP_EXIT_AFTER_CHECKPOINTS": "1"})
-  assert first.returncode == 75, first.stderr[-3000:]
+  # A run killed (SIGKILL) right after its first checkpoint, then resumed, ends with the same
+  # metrics.
+  first = _killed_after_first_checkpoint(["resnet", "--preset", "smoke", "--out", killed])
+  assert first.returncode == -9, first.stderr[-3000:]
   assert _cli(["resnet", "--preset", "smoke", "--out", killed, "--resume"]).returncode == 0
   resumed = {r["key"]: r for r in map(json.loads, open(os.path.join(killed, "metrics.jsonl")))}
   reference = {r["key"]: r for r in records if r.get("kind") == "resnet"}
@@ -104,7 +116,7 @@ def test_translation_task_starts_from_a_checkpoint_folder_with_its_tokenizer(tmp
   from optclip.data import tokenization, translation
   from optclip.models import convert
   from experiments import presets, tasks
-  from experiments.common import UsageError
+  from experiments.run_folder import UsageError
   preset = presets.PRESETS["smoke"]
   pairs, _ = translation.gettext_pairs()
   tokenizer = tokenization.train_tokenizer([t for p in pairs[:400] for t in p], 300)
@@ -122,7 +134,9 @@ def test_translation_task_starts_from_a_checkpoint_folder_with_its_tokenizer(tmp
   assert np.isfinite(float(task.loss_fn(task.init_params(0), task.test_batch)))
   # Training steps donate their state; the folder's weights must outlive each seed's run.
   from experiments import convergence
-  curves = [convergence.train_curve(task, "adam", 1e-3, seed, epochs=1) for seed in (0, 1)]
+  from experiments.variants import Variant
+  curves = [convergence.train_curve(task, Variant("adam"), 1e-3, seed, epochs=1)
+            for seed in (0, 1)]
   assert np.all(np.isfinite(curves))
   chex.assert_trees_all_equal(task.init_params(1), params)
   with pytest.raises(UsageError, match="gpt_neo model, the folder holds t5"):
