@@ -31,7 +31,9 @@ __all__ = [
     "CoordClipState",
     "clip_threshold",
     "clip_to_threshold",
+    "clip_with_state",
     "coord_clip",
+    "init_clip_state",
     "validate_fraction",
 ]
 
@@ -221,17 +223,63 @@ def clip_to_threshold(tree: Any, threshold: Any) -> Any:
 
 
 class CoordClipState(NamedTuple):
-  """State of `coord_clip`: the threshold used at the last step (for logging)."""
-  threshold: Any
+  """What the last clip did, for logging: `coord_clip`'s state, and a field of every clipped
+  optimizer's state (read any of them with ``optax.tree_utils.tree_get(state, "threshold")``).
+
+  Before the first update: τ = +inf, nothing clipped, norms 0.
+  """
+  threshold: Any  # τ; with per_leaf=True a pytree of per-leaf τ (None on non-float leaves)
+  clipped_count: jax.Array  # int32: finite coordinates with |g| > τ, i.e. changed by the clip
+  clipped_fraction: jax.Array  # clipped_count / the number of finite coordinates
+  norm_before: jax.Array  # ‖g‖₂ over the floating leaves (NaN/Inf entries make it so)
+  norm_after: jax.Array  # ‖ĝ‖₂
 
 
-def _initial_threshold(params, per_leaf: bool):
+def init_clip_state(params, per_leaf: bool = False) -> CoordClipState:
+  """The `CoordClipState` before any update, shaped for ``params``."""
   leaves = [l for l in jax.tree.leaves(params) if _is_float_leaf(l)]
   dtype = _selection.key_format([l.dtype for l in leaves]).float_dtype if leaves else jnp.float32
-  if not per_leaf:
-    return jnp.asarray(jnp.inf, dtype)
-  return jax.tree.map(
-      lambda p: jnp.asarray(jnp.inf, dtype) if _is_float_leaf(p) else None, params)
+  threshold = jnp.asarray(jnp.inf, dtype)
+  if per_leaf:
+    threshold = jax.tree.map(lambda p: threshold if _is_float_leaf(p) else None, params)
+  zero = jnp.zeros((), jnp.float32)
+  return CoordClipState(threshold, jnp.zeros((), jnp.int32), zero, zero, zero)
+
+
+def _clip_statistics(tree, threshold, like: CoordClipState, per_leaf: bool) -> CoordClipState:
+  """One variadic reduction per leaf (a single pass, as in the threshold search): the
+  clipped and the finite count (int32) and both squared norms (float32), the clipped one
+  from |g| and τ so that ĝ is never stored for it."""
+  taus = (jax.tree.leaves(threshold) if per_leaf
+          else [threshold] * len(jax.tree.leaves(tree)))
+  zeros = (jnp.zeros((), jnp.int32),) * 2 + (jnp.zeros((), jnp.float32),) * 2
+  add = lambda x, y: tuple(a + b for a, b in zip(x, y))
+  totals = zeros
+  for g, tau in zip([g for g in jax.tree.leaves(tree) if _is_float_leaf(g)], taus):
+    magnitude = jnp.abs(g.astype(jnp.float32))
+    is_finite = magnitude < jnp.inf  # NaN compares false
+    tau = tau.astype(jnp.float32)
+    kept = jnp.where(is_finite, jnp.minimum(magnitude, tau), magnitude)
+    operands = ((is_finite & (magnitude > tau)).astype(jnp.int32), is_finite.astype(jnp.int32),
+                magnitude * magnitude, kept * kept)
+    totals = add(totals, jax.lax.reduce(operands, zeros, add, tuple(range(g.ndim))))
+  count, finite, before, after = totals
+  if per_leaf:
+    recorded = jax.tree.map(lambda t, old: jnp.asarray(t, old.dtype), threshold, like.threshold)
+  else:
+    recorded = jnp.asarray(threshold, like.threshold.dtype)
+  return CoordClipState(recorded, count,
+                        count.astype(jnp.float32) / jnp.maximum(finite, 1).astype(jnp.float32),
+                        jnp.sqrt(before), jnp.sqrt(after))
+
+
+def clip_with_state(tree, fraction, state: CoordClipState, *, per_leaf: bool = False):
+  """(ĝ, the new `CoordClipState`) for a ``fraction`` already checked by `validate_fraction`.
+
+  The clip that `coord_clip` and the clipped optimizers share.
+  """
+  threshold = _threshold(tree, fraction, per_leaf)
+  return clip_to_threshold(tree, threshold), _clip_statistics(tree, threshold, state, per_leaf)
 
 
 def coord_clip(fraction: float | jax.Array, *, per_leaf: bool = False
@@ -254,7 +302,8 @@ def coord_clip(fraction: float | jax.Array, *, per_leaf: bool = False
     per_leaf: one threshold per leaf instead of one over all parameters.
 
   Returns:
-    An `optax.GradientTransformation`; its state records the last threshold.
+    An `optax.GradientTransformation` whose state (`CoordClipState`) records what the last
+    update did: τ, how many coordinates were clipped, and ‖g‖ before and after.
 
   Example:
     >>> import jax.numpy as jnp, optax, optclip
@@ -270,17 +319,10 @@ def coord_clip(fraction: float | jax.Array, *, per_leaf: bool = False
   fraction = validate_fraction(fraction, "fraction")
 
   def init_fn(params):
-    return CoordClipState(threshold=_initial_threshold(params, per_leaf))
+    return init_clip_state(params, per_leaf)
 
   def update_fn(updates, state, params=None):
     del params
-    threshold = _threshold(updates, fraction, per_leaf)
-    clipped = clip_to_threshold(updates, threshold)
-    if per_leaf:
-      recorded = jax.tree.map(
-          lambda t, old: jnp.asarray(t, old.dtype), threshold, state.threshold)
-    else:
-      recorded = jnp.asarray(threshold, state.threshold.dtype)
-    return clipped, CoordClipState(threshold=recorded)
+    return clip_with_state(updates, fraction, state, per_leaf=per_leaf)
 
   return optax.GradientTransformation(init_fn, update_fn)

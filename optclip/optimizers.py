@@ -8,7 +8,12 @@ by -learning_rate, as optax's own aliases do, and accepts an `optax.Schedule` as
 into their second moment: "the clipped gradient is only used in the first order momentum"
 (Figure 5), since clipping both would cancel the clipping in the ratio. ``clip_update`` clips
 the final update direction instead (Section 4.2, Appendix B.2). With both ``None`` every
-optimizer is its unclipped algorithm; `adam` and `lion` then equal `optax.adam`/`optax.lion`.
+optimizer is its unclipped algorithm; `adam` and `lion` take every argument of
+`optax.adam`/`optax.lion`, with the same defaults, and then equal them.
+
+Every clip keeps what it did in the optimizer's state, a `optclip.CoordClipState` (τ, the
+number and fraction of coordinates clipped, ‖g‖ before and after):
+``optax.tree_utils.tree_get(state, "threshold")`` reads it.
 
 References:
   Pan & Li, Toward Understanding Why Adam Converges Faster Than SGD for Transformers, 2023
@@ -17,14 +22,15 @@ References:
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import chex
 import jax
 import jax.numpy as jnp
 import optax
 
-from optclip.clipping import _threshold, clip_to_threshold, coord_clip, validate_fraction
+from optclip.clipping import (CoordClipState, clip_with_state, coord_clip, init_clip_state,
+                              validate_fraction)
 
 __all__ = [
     "adafactor",
@@ -40,30 +46,59 @@ __all__ = [
 ]
 
 ScalarOrSchedule = optax.ScalarOrSchedule
+# Where an SGD-family momentum starts: Algorithm 3's box (m₀ = 0, so m₁ = (1 - β)g₁), or at
+# the first gradient (m₁ = g₁, PyTorch's convention and the paper code's pseudo-optimizer).
+MOMENTUM_STARTS = ("zero", "gradient")
 
 
 def _optional_fraction(value, name):
   return None if value is None else validate_fraction(value, name)
 
 
-def _clip(tree, fraction):
-  """ĝ = clip(g) at the top-``fraction`` threshold (already validated); identity for None."""
-  if fraction is None:
-    return tree
-  return clip_to_threshold(tree, _threshold(tree, fraction, False))
-
-
-def _maybe(fraction) -> list:
+def _maybe_clip(fraction) -> list:
   return [] if fraction is None else [coord_clip(fraction)]
 
 
-def _momentum(momentum: float) -> optax.GradientTransformation:
-  # m ← βm + (1 - β)ĝ, the paper's (1 - β)-damped momentum (optax.trace would omit 1 - β).
-  return optax.ema(momentum, debias=False)
+def _clip_state(params, fraction) -> CoordClipState | optax.EmptyState:
+  return optax.EmptyState() if fraction is None else init_clip_state(params)
 
 
-def sgd(learning_rate: ScalarOrSchedule, momentum: float = 0.9,
-        clip: Optional[float] = None) -> optax.GradientTransformation:
+def _clip(tree, fraction, state):
+  """(ĝ, its new state): clipped at the top-``fraction`` threshold (already validated), or
+  unchanged with an `optax.EmptyState` when fraction is None."""
+  if fraction is None:
+    return tree, state
+  return clip_with_state(tree, fraction, state)
+
+
+class MomentumState(NamedTuple):
+  count: chex.Array
+  momentum: optax.Updates
+
+
+def _momentum(beta: float, start: str) -> optax.GradientTransformation:
+  """m ← βm + (1 - β)ĝ, the paper's (1 - β)-damped momentum (optax.trace would omit 1 - β),
+  starting as ``start`` says (see `MOMENTUM_STARTS`)."""
+  if start not in MOMENTUM_STARTS:
+    raise ValueError(f"momentum_start must be one of {MOMENTUM_STARTS}, got {start!r}")
+  if start == "zero":
+    return optax.ema(beta, debias=False)
+
+  def init_fn(params):
+    return MomentumState(jnp.zeros([], jnp.int32), optax.tree.zeros_like(params))
+
+  def update_fn(updates, state, params=None):
+    del params
+    momentum = jax.tree.map(lambda g, m: jnp.where(state.count == 0, g, (1 - beta) * g + beta * m),
+                            updates, state.momentum)
+    return momentum, MomentumState(optax.safe_increment(state.count), momentum)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def sgd(learning_rate: ScalarOrSchedule, momentum: float = 0.9, *,
+        clip: Optional[float] = None, momentum_start: str = "zero"
+        ) -> optax.GradientTransformation:
   """SGD with momentum and optional coordinate-wise clipping (Algorithm 3).
 
     ĝ_t = clip(g_t);  m_t = β m_{t-1} + (1 - β) ĝ_t;  x_t = x_{t-1} - η m_t
@@ -72,6 +107,8 @@ def sgd(learning_rate: ScalarOrSchedule, momentum: float = 0.9,
     learning_rate: η, a float or an `optax.Schedule`.
     momentum: β.
     clip: fraction of coordinates to clip (the paper uses 0.1), or None.
+    momentum_start: "zero" (Algorithm 3: m₀ = 0) or "gradient" (m₁ = ĝ₁, as PyTorch and the
+      paper's code start it).
 
   Returns:
     An `optax.GradientTransformation`.
@@ -87,7 +124,7 @@ def sgd(learning_rate: ScalarOrSchedule, momentum: float = 0.9,
     Pan & Li 2023, arXiv 2306.00204, Algorithm 3.
   """
   clip = _optional_fraction(clip, "clip")
-  return optax.chain(*_maybe(clip), _momentum(momentum),
+  return optax.chain(*_maybe_clip(clip), _momentum(momentum, momentum_start),
                      optax.scale_by_learning_rate(learning_rate))
 
 
@@ -111,8 +148,9 @@ def scale_by_frobenius_normalization(eps: float = 0.0) -> optax.GradientTransfor
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 
-def normalized_sgd(learning_rate: ScalarOrSchedule, momentum: float = 0.9,
-                   clip: Optional[float] = None) -> optax.GradientTransformation:
+def normalized_sgd(learning_rate: ScalarOrSchedule, momentum: float = 0.9, *,
+                   clip: Optional[float] = None, momentum_start: str = "zero"
+                   ) -> optax.GradientTransformation:
   """Normalized SGD with momentum, per weight matrix (Algorithm 4).
 
     ĝ_t = clip(g_t);  m_t = β m_{t-1} + (1 - β) ĝ_t;  v_t = m_t / ‖m_t‖_F · sqrt(mn);
@@ -125,6 +163,7 @@ def normalized_sgd(learning_rate: ScalarOrSchedule, momentum: float = 0.9,
     learning_rate: η, a float or an `optax.Schedule`.
     momentum: β.
     clip: fraction of coordinates to clip (the paper uses 0.1), or None.
+    momentum_start: "zero" (the algorithm box) or "gradient" (m₁ = ĝ₁); see `sgd`.
 
   Returns:
     An `optax.GradientTransformation`.
@@ -140,12 +179,14 @@ def normalized_sgd(learning_rate: ScalarOrSchedule, momentum: float = 0.9,
     Pan & Li 2023, arXiv 2306.00204, Algorithm 4.
   """
   clip = _optional_fraction(clip, "clip")
-  return optax.chain(*_maybe(clip), _momentum(momentum), scale_by_frobenius_normalization(),
+  return optax.chain(*_maybe_clip(clip), _momentum(momentum, momentum_start),
+                     scale_by_frobenius_normalization(),
                      optax.scale_by_learning_rate(learning_rate))
 
 
-def sign_sgd(learning_rate: ScalarOrSchedule, momentum: float = 0.9,
-             clip: Optional[float] = None) -> optax.GradientTransformation:
+def sign_sgd(learning_rate: ScalarOrSchedule, momentum: float = 0.9, *,
+             clip: Optional[float] = None, momentum_start: str = "zero"
+             ) -> optax.GradientTransformation:
   """Sign SGD with momentum (Algorithm 5).
 
     ĝ_t = clip(g_t);  m_t = β m_{t-1} + (1 - β) ĝ_t;  x_t = x_{t-1} - η sgn(m_t)
@@ -154,6 +195,7 @@ def sign_sgd(learning_rate: ScalarOrSchedule, momentum: float = 0.9,
     learning_rate: η, a float or an `optax.Schedule`.
     momentum: β.
     clip: fraction of coordinates to clip, or None.
+    momentum_start: "zero" (the algorithm box) or "gradient" (m₁ = ĝ₁); see `sgd`.
 
   Returns:
     An `optax.GradientTransformation`.
@@ -169,63 +211,80 @@ def sign_sgd(learning_rate: ScalarOrSchedule, momentum: float = 0.9,
     Pan & Li 2023, arXiv 2306.00204, Algorithm 5.
   """
   clip = _optional_fraction(clip, "clip")
-  return optax.chain(*_maybe(clip), _momentum(momentum), optax.scale_by_sign(),
-                     optax.scale_by_learning_rate(learning_rate))
+  return optax.chain(*_maybe_clip(clip), _momentum(momentum, momentum_start),
+                     optax.scale_by_sign(), optax.scale_by_learning_rate(learning_rate))
 
 
 class ScaleByClippedAdamState(NamedTuple):
   count: chex.Array
   mu: optax.Updates
   nu: optax.Updates
+  clip: CoordClipState  # what the numerator's clip did at the last step
 
 
 def scale_by_clipped_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
-                          clip: Optional[float] = None) -> optax.GradientTransformation:
+                          eps_root: float = 0.0, mu_dtype: Optional[Any] = None, *,
+                          nesterov: bool = False, clip: Optional[float] = None
+                          ) -> optax.GradientTransformation:
   """Adam's direction with the first moment fed the clipped gradient.
 
     ĝ = clip(g);  μ ← β₁μ + (1 - β₁)ĝ;  ν ← β₂ν + (1 - β₂)g²;
-    u = (μ / (1 - β₁ᵗ)) / (sqrt(ν / (1 - β₂ᵗ)) + ε)
+    u = μ̂ / (sqrt(ν̂ + ε_root) + ε),  μ̂ = μ / (1 - β₁ᵗ),  ν̂ = ν / (1 - β₂ᵗ)
 
-  With ``clip=None`` this is `optax.scale_by_adam` (same operations, same order).
+  (Nesterov: μ̂ = β₁μ / (1 - β₁ᵗ⁺¹) + (1 - β₁)ĝ / (1 - β₁ᵗ)). The operations are those of
+  `optax.scale_by_adam`, which this is, state included, when ``clip`` is None.
   """
   clip = _optional_fraction(clip, "clip")
+  if clip is None:
+    return optax.scale_by_adam(b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov)
+  mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
 
   def init_fn(params):
-    mu = optax.tree.zeros_like(params)
-    nu = optax.tree.zeros_like(params)
-    return ScaleByClippedAdamState(count=jnp.zeros([], jnp.int32), mu=mu, nu=nu)
+    return ScaleByClippedAdamState(
+        count=jnp.zeros([], jnp.int32), mu=optax.tree.zeros_like(params, dtype=mu_dtype),
+        nu=optax.tree.zeros_like(params), clip=init_clip_state(params))
 
   def update_fn(updates, state, params=None):
     del params
-    numerator = _clip(updates, clip)
+    numerator, clip_state = clip_with_state(updates, clip, state.clip)
     mu = optax.tree.update_moment(numerator, state.mu, b1, 1)
     nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)
     count_inc = optax.safe_increment(state.count)
-    mu_hat = optax.tree.bias_correction(mu, b1, count_inc)
+    if nesterov:
+      mu_hat = jax.tree.map(
+          lambda m, g: b1 * m + (1 - b1) * g,
+          optax.tree.bias_correction(mu, b1, optax.safe_increment(count_inc)),
+          optax.tree.bias_correction(numerator, b1, count_inc))
+    else:
+      mu_hat = optax.tree.bias_correction(mu, b1, count_inc)
     nu_hat = optax.tree.bias_correction(nu, b2, count_inc)
     updates = jax.tree.map(
-        lambda m, v: None if m is None else m / (jnp.sqrt(v) + eps),
+        lambda m, v: None if m is None else m / (jnp.sqrt(v + eps_root) + eps),
         mu_hat, nu_hat, is_leaf=lambda x: x is None)
-    return updates, ScaleByClippedAdamState(count=count_inc, mu=mu, nu=nu)
+    mu = optax.tree.cast(mu, mu_dtype)
+    nu = optax.tree.cast_like(nu, state.nu)
+    return updates, ScaleByClippedAdamState(count=count_inc, mu=mu, nu=nu, clip=clip_state)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
 
 def adam(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999,
-         eps: float = 1e-8, clip: Optional[float] = None,
+         eps: float = 1e-8, eps_root: float = 0.0, mu_dtype: Optional[Any] = None, *,
+         nesterov: bool = False, clip: Optional[float] = None,
          clip_update: Optional[float] = None) -> optax.GradientTransformation:
   """Adam with coordinate-wise clipping of the first moment (Algorithm 6, Figure 5).
 
     ĝ_t = clip(g_t);  m_t = β₁m + (1 - β₁)ĝ_t;  v_t = β₂v + (1 - β₂)g_t²  (raw gradient);
-    u_t = m̂_t / (sqrt(v̂_t) + ε) with bias corrections m̂ = m/(1-β₁ᵗ), v̂ = v/(1-β₂ᵗ);
+    u_t = m̂_t / (sqrt(v̂_t + ε_root) + ε) with bias corrections m̂ = m/(1-β₁ᵗ), v̂ = v/(1-β₂ᵗ);
     u_t ← clip_update(u_t);  x_t = x_{t-1} - η u_t
 
   The paper's algorithm box omits the bias correction; this is standard Adam exactly as
-  `optax.adam` computes it, which it equals when ``clip`` and ``clip_update`` are None.
+  `optax.adam` computes it, with the same arguments and defaults; it equals `optax.adam` for
+  any of them when ``clip`` and ``clip_update`` are None.
 
   Args:
     learning_rate: η, a float or an `optax.Schedule`.
-    b1, b2, eps: Adam's constants.
+    b1, b2, eps, eps_root, mu_dtype, nesterov: as in `optax.adam`.
     clip: fraction of gradient coordinates clipped before the first moment (paper: 0.5).
     clip_update: fraction of coordinates of the final direction u_t to clip (paper: 0.5).
 
@@ -233,81 +292,88 @@ def adam(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999,
     An `optax.GradientTransformation`.
 
   Example:
-    >>> import jax.numpy as jnp, optclip
+    >>> import jax.numpy as jnp, optax, optclip
     >>> tx = optclip.adam(0.1, clip=1.0)
-    >>> updates, _ = tx.update(jnp.array([4., 1.]), tx.init(jnp.zeros(2)))
-    >>> updates
-    Array([-0.025, -0.1  ], dtype=float32)
+    >>> updates, state = tx.update(jnp.array([4., 1.]), tx.init(jnp.zeros(2)))
+    >>> [round(float(u), 4) for u in updates]  # the clip cut 4 down to 1 in the numerator
+    [-0.025, -0.1]
+    >>> float(optax.tree_utils.tree_get(state, "threshold"))
+    1.0
 
   References:
     Pan & Li 2023, arXiv 2306.00204, Algorithm 6; Kingma & Ba 2015.
   """
-  clip = _optional_fraction(clip, "clip")
   clip_update = _optional_fraction(clip_update, "clip_update")
-  return optax.chain(scale_by_clipped_adam(b1, b2, eps, clip), *_maybe(clip_update),
-                     optax.scale_by_learning_rate(learning_rate))
+  return optax.chain(
+      scale_by_clipped_adam(b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov, clip=clip),
+      *_maybe_clip(clip_update), optax.scale_by_learning_rate(learning_rate))
 
 
 class ScaleByClippedAdafactorState(NamedTuple):
   count: chex.Array
-  row: optax.Updates  # R_t for matrices (shape without the last axis), else a dummy
-  col: optax.Updates  # C_t for matrices (shape without the second-to-last axis), else a dummy
-  v: optax.Updates  # V_t for vectors and scalars, else a dummy
+  row: optax.Updates  # R_t for factored matrices (shape without the last axis), else a dummy
+  col: optax.Updates  # C_t for factored matrices (without the second-to-last axis), else a dummy
+  v: optax.Updates  # V_t for vectors, scalars and unfactored leaves, else a dummy
   momentum: optax.Updates  # first moment of the update when `momentum` is set, else dummies
+  clip: CoordClipState | optax.EmptyState  # what the numerator's clip did at the last step
 
 
 def _rms(x):
   return jnp.sqrt(jnp.mean(jnp.square(x)))
 
 
-def _factored(shape) -> bool:
-  return len(shape) >= 2
-
-
 def scale_by_clipped_adafactor(
-    clip: Optional[float] = None, decay_rate: float = 0.8, eps1: float = 1e-30,
-    clipping_threshold: float = 1.0, momentum: Optional[float] = None,
+    *, clip: Optional[float] = None, decay_rate: float = 0.8, decay_offset: int = 0,
+    eps: float = 1e-30, clipping_threshold: Optional[float] = 1.0,
+    momentum: Optional[float] = None, dtype_momentum: Any = jnp.float32, factored: bool = True,
 ) -> optax.GradientTransformation:
   """Adafactor's direction Û_t (Algorithms 7 and 8), numerator clipped; no step size.
 
-  For a leaf with two or more axes (a weight matrix; leading axes are batched), with
-  β̂₂ₜ = 1 - t^(-decay_rate):
+  For a leaf with two or more axes (a weight matrix; leading axes are batched, so a conv
+  kernel HWIO is factored over its I and O axes), with β̂₂ₜ = 1 - (t + decay_offset)^(-decay_rate):
 
     R_t = β̂₂ₜ R + (1 - β̂₂ₜ) rowsum(G² + ε₁);  C_t = β̂₂ₜ C + (1 - β̂₂ₜ) colsum(G² + ε₁);
     V̂_t = R_t C_t / sum(R_t);  U_t = clip(G) / sqrt(V̂_t);  Û_t = U_t / max(1, RMS(U_t)/d)
 
-  and for vectors and scalars V̂_t = β̂₂ₜ V̂ + (1 - β̂₂ₜ)(G² + ε₁). The second moment always sees
-  the raw gradient G. ``momentum`` (not in the paper's boxes) optionally averages Û_t.
+  and for vectors and scalars (and every leaf with ``factored=False``)
+  V̂_t = β̂₂ₜ V̂ + (1 - β̂₂ₜ)(G² + ε₁). The second moment always sees the raw gradient G.
+  ``momentum`` (not in the paper's boxes) optionally averages Û_t. Argument names follow
+  `optax.adafactor` where they mean the same: ``eps`` is ε₁, ``clipping_threshold`` is d
+  (None: no update clipping).
   """
   clip = _optional_fraction(clip, "clip")
 
+  def is_factored(p):
+    return factored and jnp.ndim(p) >= 2
+
   def init_fn(params):
     def row(p):
-      return jnp.zeros(p.shape[:-1], p.dtype) if _factored(p.shape) else jnp.zeros((1,), p.dtype)
+      return jnp.zeros(p.shape[:-1], p.dtype) if is_factored(p) else jnp.zeros((1,), p.dtype)
 
     def col(p):
-      return (jnp.zeros(p.shape[:-2] + p.shape[-1:], p.dtype) if _factored(p.shape)
+      return (jnp.zeros(p.shape[:-2] + p.shape[-1:], p.dtype) if is_factored(p)
               else jnp.zeros((1,), p.dtype))
 
     def v(p):
-      return jnp.zeros((1,), p.dtype) if _factored(p.shape) else jnp.zeros_like(p)
+      return jnp.zeros((1,), p.dtype) if is_factored(p) else jnp.zeros_like(p)
 
-    first = (optax.tree.zeros_like(params) if momentum is not None
+    first = (optax.tree.zeros_like(params, dtype=dtype_momentum) if momentum is not None
              else jax.tree.map(lambda p: jnp.zeros((1,), p.dtype), params))
     return ScaleByClippedAdafactorState(
         count=jnp.zeros([], jnp.int32), row=jax.tree.map(row, params),
-        col=jax.tree.map(col, params), v=jax.tree.map(v, params), momentum=first)
+        col=jax.tree.map(col, params), v=jax.tree.map(v, params), momentum=first,
+        clip=_clip_state(params, clip))
 
   def update_fn(updates, state, params=None):
     del params
     count = optax.safe_increment(state.count)
-    t = count.astype(jnp.float32)
+    t = (count + decay_offset).astype(jnp.float32)
     beta = 1.0 - t ** (-decay_rate)
-    numerators = _clip(updates, clip)
+    numerators, clip_state = _clip(updates, clip, state.clip)
 
     def leaf(g, g_hat, row, col, v):
-      sq = jnp.square(g) + eps1
-      if _factored(g.shape):
+      sq = jnp.square(g) + eps
+      if is_factored(g):
         row = beta * row + (1 - beta) * jnp.sum(sq, axis=-1)
         col = beta * col + (1 - beta) * jnp.sum(sq, axis=-2)
         # R/sum(R) first: multiplying two ~ε₁-sized factors first underflows to 0 in float32
@@ -319,7 +385,8 @@ def scale_by_clipped_adafactor(
         v = beta * v + (1 - beta) * sq
         v_hat = v
       u = g_hat / jnp.sqrt(v_hat)
-      u = u / jnp.maximum(1.0, _rms(u) / clipping_threshold)
+      if clipping_threshold is not None:
+        u = u / jnp.maximum(1.0, _rms(u) / clipping_threshold)
       return u.astype(g.dtype), row, col, v
 
     results = jax.tree.map(leaf, updates, numerators, state.row, state.col, state.v)
@@ -329,9 +396,10 @@ def scale_by_clipped_adafactor(
     first = state.momentum
     if momentum is not None:
       first = optax.tree.update_moment(directions, state.momentum, momentum, 1)
-      directions = first
+      directions = optax.tree.cast_like(first, directions)
+      first = optax.tree.cast(first, dtype_momentum)
     return directions, ScaleByClippedAdafactorState(
-        count=count, row=pick(1), col=pick(2), v=pick(3), momentum=first)
+        count=count, row=pick(1), col=pick(2), v=pick(3), momentum=first, clip=clip_state)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -355,10 +423,12 @@ def _relative_step_size(eps2: float = 1e-3) -> optax.GradientTransformation:
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def adafactor(learning_rate: Optional[ScalarOrSchedule] = None, clip: Optional[float] = None,
-              decay_rate: float = 0.8, eps1: float = 1e-30, eps2: float = 1e-3,
-              clipping_threshold: float = 1.0, momentum: Optional[float] = None,
-              ) -> optax.GradientTransformation:
+def adafactor(learning_rate: Optional[ScalarOrSchedule] = None, *,
+              clip: Optional[float] = None, decay_rate: float = 0.8, decay_offset: int = 0,
+              clipping_threshold: Optional[float] = 1.0, momentum: Optional[float] = None,
+              dtype_momentum: Any = jnp.float32, eps: float = 1e-30, factored: bool = True,
+              weight_decay_rate: Optional[float] = None, weight_decay_mask: Any = None,
+              eps2: float = 1e-3) -> optax.GradientTransformation:
   """Adafactor with coordinate-wise clipping of the numerator (Algorithms 7 and 8).
 
     x_t = x_{t-1} - α_t Û_t   (Û_t from `scale_by_clipped_adafactor`)
@@ -366,14 +436,22 @@ def adafactor(learning_rate: Optional[ScalarOrSchedule] = None, clip: Optional[f
   with the paper's relative step α_t = max(ε₂, RMS(x_{t-1})) · min(10⁻², 1/sqrt(t)) when
   ``learning_rate`` is None, and α_t = learning_rate otherwise (the paper's "fixed learning
   rate in place of α_t", Appendix B.2). Constants default to the paper's: β̂₂ₜ = 1 - t^-0.8,
-  ε₁ = 1e-30, ε₂ = 1e-3, d = 1; matrices (leaves with 2+ axes, factored over the last two)
-  keep row and column statistics, vectors a full second moment.
+  ε₁ = 1e-30, ε₂ = 1e-3, d = 1; every matrix (leaf with 2+ axes, factored over the last two)
+  keeps row and column statistics, vectors a full second moment. Arguments that mean the
+  same as `optax.adafactor`'s carry its names (``decay_rate``, ``decay_offset``,
+  ``clipping_threshold``, ``momentum``, ``dtype_momentum``, ``eps`` = ε₁, ``factored``,
+  ``weight_decay_rate``, ``weight_decay_mask``); optax factors only axes of 128 or more and
+  scales by the parameters' RMS at any learning rate, the paper does neither.
 
   Args:
     learning_rate: None for relative step sizes (then `update` needs ``params``), or η.
     clip: fraction of gradient coordinates clipped in the numerator (paper: 0.5), or None.
-    decay_rate, eps1, eps2, clipping_threshold: the constants above.
-    momentum: optional β₁ on the update (the paper's boxes have none).
+    decay_rate, decay_offset, clipping_threshold, eps, factored: see above.
+    momentum, dtype_momentum: optional β₁ on the update and its accumulator's dtype (the
+      paper's boxes have none).
+    weight_decay_rate, weight_decay_mask: decoupled weight decay, as in `optax.adafactor`
+      (added after the step size).
+    eps2: ε₂ of the relative step size.
 
   Returns:
     An `optax.GradientTransformation`.
@@ -388,20 +466,26 @@ def adafactor(learning_rate: Optional[ScalarOrSchedule] = None, clip: Optional[f
   References:
     Pan & Li 2023, arXiv 2306.00204, Algorithms 7-8; Shazeer & Stern 2018.
   """
-  clip = _optional_fraction(clip, "clip")
-  direction = scale_by_clipped_adafactor(clip, decay_rate, eps1, clipping_threshold, momentum)
-  if learning_rate is None:
-    return optax.chain(direction, _relative_step_size(eps2))
-  return optax.chain(direction, optax.scale_by_learning_rate(learning_rate))
+  direction = scale_by_clipped_adafactor(
+      clip=clip, decay_rate=decay_rate, decay_offset=decay_offset, eps=eps,
+      clipping_threshold=clipping_threshold, momentum=momentum, dtype_momentum=dtype_momentum,
+      factored=factored)
+  step = (_relative_step_size(eps2) if learning_rate is None
+          else optax.scale_by_learning_rate(learning_rate))
+  decay = ([] if weight_decay_rate is None else
+           [optax.add_decayed_weights(-weight_decay_rate, weight_decay_mask)])
+  return optax.chain(direction, step, *decay)
 
 
 class ScaleByClippedLionState(NamedTuple):
   count: chex.Array
   mu: optax.Updates
+  clip: CoordClipState | optax.EmptyState  # the gradient's clip at the last step
+  clip_update: CoordClipState | optax.EmptyState  # the interpolation's clip at the last step
 
 
-def scale_by_clipped_lion(b1: float = 0.9, b2: float = 0.99, clip: Optional[float] = None,
-                          clip_update: Optional[float] = None
+def scale_by_clipped_lion(b1: float = 0.9, b2: float = 0.99, mu_dtype: Optional[Any] = None,
+                          *, clip: Optional[float] = None, clip_update: Optional[float] = None
                           ) -> optax.GradientTransformation:
   """Lion's direction (Algorithm 9) with clipping of the gradient or of the update.
 
@@ -411,48 +495,59 @@ def scale_by_clipped_lion(b1: float = 0.9, b2: float = 0.99, clip: Optional[floa
   Clipping a sign vector would do nothing, so the paper's "clip update" variant replaces the
   sign by coordinate-wise clipping of c at the top-``clip_update`` threshold τ_c, divided by
   τ_c: coordinates at or above τ_c become ±1 as with the sign, smaller ones keep their
-  relative size (with clip_update=1 this is the sign again).
+  relative size (with clip_update=1 this is the sign again). With both None this is
+  `optax.scale_by_lion`, state included.
   """
   clip = _optional_fraction(clip, "clip")
   clip_update = _optional_fraction(clip_update, "clip_update")
+  if clip is None and clip_update is None:
+    return optax.scale_by_lion(b1, b2, mu_dtype)
+  mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
 
   def init_fn(params):
-    return ScaleByClippedLionState(count=jnp.zeros([], jnp.int32),
-                                   mu=optax.tree.zeros_like(params))
+    return ScaleByClippedLionState(
+        count=jnp.zeros([], jnp.int32), mu=optax.tree.zeros_like(params, dtype=mu_dtype),
+        clip=_clip_state(params, clip), clip_update=_clip_state(params, clip_update))
 
   def update_fn(updates, state, params=None):
     del params
-    grads = _clip(updates, clip)
-    interp = jax.tree.map(lambda g, m: (1 - b1) * g + b1 * m, grads, state.mu)
+    grads, clip_state = _clip(updates, clip, state.clip)
+    interp = jax.tree.map(lambda g, m: (1.0 - b1) * g + b1 * m, grads, state.mu)
+    update_state = state.clip_update
     if clip_update is None:
       directions = jax.tree.map(jnp.sign, interp)
     else:
-      tau = _threshold(interp, clip_update, False)
+      clipped, update_state = clip_with_state(interp, clip_update, state.clip_update)
+      tau = update_state.threshold
       directions = jax.tree.map(
           lambda c: jnp.where(tau > 0, c / jnp.maximum(tau, jnp.finfo(c.dtype).tiny),
-                              jnp.sign(c)).astype(c.dtype),
-          clip_to_threshold(interp, tau))
-    mu = optax.tree.update_moment(grads, state.mu, b2, 1)
-    return directions, ScaleByClippedLionState(count=optax.safe_increment(state.count), mu=mu)
+                              jnp.sign(c)).astype(c.dtype), clipped)
+    mu = optax.tree.cast(optax.tree.update_moment(grads, state.mu, b2, 1), mu_dtype)
+    return directions, ScaleByClippedLionState(
+        count=optax.safe_increment(state.count), mu=mu, clip=clip_state,
+        clip_update=update_state)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
 
 def lion(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.99,
-         clip: Optional[float] = None, clip_update: Optional[float] = None
-         ) -> optax.GradientTransformation:
+         mu_dtype: Optional[Any] = None, weight_decay: ScalarOrSchedule = 1e-3,
+         mask: Any = None, *, clip: Optional[float] = None,
+         clip_update: Optional[float] = None) -> optax.GradientTransformation:
   """Lion with optional coordinate-wise clipping (Algorithm 9).
 
     ĝ_t = clip(g_t);  u_t = sgn(β₁m + (1 - β₁)ĝ_t);  m_t = β₂m + (1 - β₂)ĝ_t;
-    x_t = x_{t-1} - η u_t
+    x_t = x_{t-1} - η (u_t + λ x_{t-1})
 
   ``clip`` clips the gradient before both interpolations; ``clip_update`` is the "clip update"
-  variant described in `scale_by_clipped_lion`. With both None this equals `optax.lion`
-  (without weight decay).
+  variant described in `scale_by_clipped_lion`. The arguments and defaults are
+  `optax.lion`'s (weight decay λ = 1e-3, applied where ``mask`` says; `update` then needs
+  ``params``), which this equals for any of them when both clips are None. Algorithm 9 has no
+  weight decay: pass ``weight_decay=0`` for the paper's Lion.
 
   Args:
     learning_rate: η, a float or an `optax.Schedule`.
-    b1, b2: Lion's interpolation constants.
+    b1, b2, mu_dtype, weight_decay, mask: as in `optax.lion`.
     clip: fraction of gradient coordinates to clip, or None.
     clip_update: fraction for the clip-update variant (paper: 0.5), or None.
 
@@ -461,7 +556,7 @@ def lion(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.99,
 
   Example:
     >>> import jax.numpy as jnp, optclip
-    >>> tx = optclip.lion(0.1)
+    >>> tx = optclip.lion(0.1, weight_decay=0.0)
     >>> updates, _ = tx.update(jnp.array([4., -1.]), tx.init(jnp.zeros(2)))
     >>> updates
     Array([-0.1,  0.1], dtype=float32)
@@ -469,5 +564,9 @@ def lion(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.99,
   References:
     Pan & Li 2023, arXiv 2306.00204, Algorithm 9; Chen et al. 2023.
   """
-  return optax.chain(scale_by_clipped_lion(b1, b2, clip, clip_update),
-                     optax.scale_by_learning_rate(learning_rate))
+  # A constant zero decay is left out, so that the paper's Lion needs no params in update().
+  no_decay = isinstance(weight_decay, (int, float)) and weight_decay == 0
+  return optax.chain(
+      scale_by_clipped_lion(b1, b2, mu_dtype, clip=clip, clip_update=clip_update),
+      *([] if no_decay else [optax.add_decayed_weights(weight_decay, mask)]),
+      optax.scale_by_learning_rate(learning_rate))

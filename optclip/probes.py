@@ -65,7 +65,7 @@ def with_pseudo_updates(train: optax.GradientTransformation,
     >>> tx = optclip.probes.with_pseudo_updates(optclip.sgd(0.1), {"adam": optclip.adam(1.0)})
     >>> state = tx.init(jnp.zeros(2))
     >>> updates, state = tx.update(jnp.array([1., -2.]), state)
-    >>> optclip.probes.pseudo_updates(tx, state, jnp.array([1., -2.]))["adam"]
+    >>> optclip.probes.pseudo_updates(tx, state, jnp.array([1., -2.]))["adam"].round(4)
     Array([-1.,  1.], dtype=float32)
 
   References:

@@ -59,7 +59,7 @@ CASES = {
                  lambda g, p, c, cu: oracles.sgd(g, 0.1, 0.9, c, sign=True)),
     "adam": (lambda c, cu: optclip.adam(0.1, clip=c, clip_update=cu),
              lambda g, p, c, cu: oracles.adam(g, 0.1, 0.9, 0.999, 1e-8, c, cu)),
-    "lion": (lambda c, cu: optclip.lion(0.1, clip=c, clip_update=cu),
+    "lion": (lambda c, cu: optclip.lion(0.1, weight_decay=0.0, clip=c, clip_update=cu),
              lambda g, p, c, cu: oracles.lion(g, 0.1, 0.9, 0.99, c, cu)),
     "adafactor_relative": (lambda c, cu: optclip.adafactor(None, clip=c),
                            lambda g, p, c, cu: oracles.adafactor(g, p, None, c)),
@@ -84,19 +84,44 @@ def test_matches_numpy_transcription(name, clip, clip_update, problem):
       np.testing.assert_allclose(g, w, rtol=2e-5, atol=1e-7)
 
 
+def _random_adam_args(rng):
+  return dict(learning_rate=float(10 ** rng.uniform(-4, -1)), b1=float(rng.uniform(0.5, 0.99)),
+              b2=float(rng.uniform(0.9, 0.9999)), eps=float(10 ** rng.uniform(-10, -4)),
+              eps_root=float(rng.choice([0.0, 1e-12])),
+              mu_dtype=[None, jnp.bfloat16][int(rng.integers(2))],
+              nesterov=bool(rng.integers(2)))
+
+
+def _random_lion_args(rng):
+  return dict(learning_rate=float(10 ** rng.uniform(-4, -1)), b1=float(rng.uniform(0.5, 0.99)),
+              b2=float(rng.uniform(0.9, 0.999)), mu_dtype=[None, jnp.bfloat16][int(rng.integers(2))],
+              weight_decay=float(rng.choice([0.0, 1e-3, 0.1])),
+              mask=[None, {"emb": True, "bias": False}][int(rng.integers(2))])
+
+
 @pytest.mark.parametrize("problem", ["mlp", "heavy_tailed"])
-def test_adam_equals_optax_adam(problem):
+def test_adam_and_lion_defaults_equal_optax(problem):
   keys, params, grads = _problem(problem, seed=1)
   chex.assert_trees_all_close(_run(optclip.adam(1e-3), params, grads),
                               _run(optax.adam(1e-3), params, grads), rtol=0, atol=0)
-
-
-@pytest.mark.parametrize("problem", ["mlp", "heavy_tailed"])
-def test_lion_equals_optax_lion(problem):
-  keys, params, grads = _problem(problem, seed=2)
   chex.assert_trees_all_close(_run(optclip.lion(1e-3), params, grads),
-                              _run(optax.lion(1e-3, weight_decay=0.0), params, grads),
-                              rtol=0, atol=0)
+                              _run(optax.lion(1e-3), params, grads), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_drop_in_for_random_hyperparameters(seed):
+  """Unclipped: optax's optimizer, bit for bit, for any hyperparameters. Clipped at a
+  fraction whose k is 1 (τ = max |g|: the clip changes nothing): the same updates through
+  optclip's own clipped code path, which therefore mirrors optax's arithmetic, nesterov and
+  mu_dtype included (to float32 rounding: XLA fuses that program differently)."""
+  rng = np.random.default_rng(seed)
+  keys, params, grads = _problem("heavy_tailed", seed=seed)
+  for make_ours, make_theirs, args in [(optclip.adam, optax.adam, _random_adam_args(rng)),
+                                       (optclip.lion, optax.lion, _random_lion_args(rng))]:
+    want = _run(make_theirs(**args), params, grads)
+    chex.assert_trees_all_close(_run(make_ours(**args), params, grads), want, rtol=0, atol=0)
+    chex.assert_trees_all_close(_run(make_ours(**args, clip=1e-9), params, grads), want,
+                                rtol=1e-6, atol=1e-9)
 
 
 def test_clip_feeds_only_the_first_moment():
@@ -108,6 +133,7 @@ def test_clip_feeds_only_the_first_moment():
       _, state = tx.update(g, state)
     return state[0]
   clipped, plain = final_state(optclip.adam(0.1, clip=0.1)), final_state(optclip.adam(0.1))
+  assert clipped.count == plain.count
   chex.assert_trees_all_close(clipped.nu, plain.nu)
   assert not np.allclose(clipped.mu["emb"], plain.mu["emb"])
 
@@ -149,6 +175,8 @@ def test_bad_clip_arguments_name_the_argument():
     for bad in [0.0, 2.0, float("nan"), "half"]:
       with pytest.raises(ValueError, match=arg):
         factory(bad)
+  with pytest.raises(ValueError, match="momentum_start"):
+    optclip.sgd(0.1, momentum_start="one")
 
 
 def test_relative_adafactor_needs_params():
@@ -180,3 +208,82 @@ def test_adafactor_is_finite_where_a_factored_block_has_zero_gradient():
   updates, _ = tx.update(grads, tx.init(grads), grads)
   assert np.all(np.isfinite(updates["kernel"]))
   np.testing.assert_array_equal(updates["kernel"][1:], 0.0)
+
+
+def test_momentum_started_at_the_first_gradient():
+  """momentum_start="gradient": m₁ = ĝ₁, then m_t = β m_{t-1} + (1 - β) ĝ_t (the paper
+  code's convention), against NumPy; the default is Algorithm 3's box (m₀ = 0)."""
+  keys, params, grads = _problem("mlp", seed=5)
+  for make, transform in [(optclip.sgd, lambda m: m),
+                          (optclip.sign_sgd, np.sign),
+                          (optclip.normalized_sgd,
+                           lambda m: m / np.linalg.norm(m.ravel()) * np.sqrt(m.size))]:
+    got = _as_lists(keys, _run(make(0.1, 0.9, clip=0.5, momentum_start="gradient"),
+                               params, grads))
+    momentum = None
+    for step_got, g in zip(got, _as_lists(keys, grads)):
+      g_hat = oracles.clip(g, 0.5)
+      momentum = g_hat if momentum is None else [0.9 * m + 0.1 * x
+                                                 for m, x in zip(momentum, g_hat)]
+      for leaf_got, m in zip(step_got, momentum):
+        np.testing.assert_allclose(leaf_got, -0.1 * transform(m), rtol=2e-5, atol=1e-7)
+
+
+def _expected_clip_state(leaves, fraction):
+  tau = oracles.threshold(leaves, fraction)
+  flat = np.concatenate([np.asarray(l, np.float64).ravel() for l in leaves])
+  clipped = np.sign(flat) * np.minimum(np.abs(flat), tau)
+  count = int(np.sum(np.abs(flat) > tau))
+  return tau, count, count / flat.size, np.linalg.norm(flat), np.linalg.norm(clipped)
+
+
+CLIPPED = {
+    "coord_clip": lambda: optax.chain(optclip.coord_clip(0.3), optax.sgd(1.0)),
+    "sgd": lambda: optclip.sgd(0.1, clip=0.3),
+    "normalized_sgd": lambda: optclip.normalized_sgd(0.1, clip=0.3),
+    "sign_sgd": lambda: optclip.sign_sgd(0.1, clip=0.3),
+    "adam": lambda: optclip.adam(0.1, clip=0.3),
+    "adafactor": lambda: optclip.adafactor(0.1, clip=0.3),
+    "lion": lambda: optclip.lion(0.1, clip=0.3),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CLIPPED))
+def test_clip_statistics_in_the_state(name):
+    """tree_get(state, "threshold") (and its siblings) of every clipped optimizer record what
+    the last gradient's clip did, against NumPy."""
+    keys, params, grads = _problem("heavy_tailed", seed=6)
+    tx = CLIPPED[name]()
+    state = tx.init(params[0])
+    assert float(optax.tree_utils.tree_get(state, "threshold")) == np.inf
+    update = jax.jit(tx.update)
+    for g, p in zip(grads, params):
+      _, state = update(g, state, p)
+    tau, count, fraction, before, after = _expected_clip_state(
+        [grads[-1][k] for k in keys], 0.3)
+    get = lambda field: float(optax.tree_utils.tree_get(state, field))
+    assert get("threshold") == tau
+    assert get("clipped_count") == count
+    np.testing.assert_allclose(get("clipped_fraction"), fraction, rtol=1e-6)
+    np.testing.assert_allclose(get("norm_before"), before, rtol=1e-5)
+    np.testing.assert_allclose(get("norm_after"), after, rtol=1e-5)
+    assert count > 0 and get("norm_after") < get("norm_before")
+
+
+def test_clip_update_statistics_and_both_clips():
+  keys, params, grads = _problem("heavy_tailed", seed=7)
+  tx = optclip.adam(0.1, clip_update=0.5)
+  state = tx.init(params[0])
+  updates, state = tx.update(grads[0], state, params[0])
+  # The update clip runs on Adam's direction -updates/lr before the step size.
+  direction = [np.asarray(updates[k], np.float64) / -0.1 for k in keys]
+  threshold = float(optax.tree_utils.tree_get(state, "threshold"))
+  np.testing.assert_allclose(threshold, np.max(np.abs(np.concatenate(
+      [d.ravel() for d in direction]))), rtol=1e-6)
+  # With both clips, each records its own: tree_get_all_with_path lists the two.
+  tx = optclip.lion(0.1, clip=0.3, clip_update=0.5)
+  _, state = tx.update(grads[0], tx.init(params[0]), params[0])
+  found = optax.tree_utils.tree_get_all_with_path(state, "threshold")
+  assert len(found) == 2
+  tau = oracles.threshold([grads[0][k] for k in keys], 0.3)
+  assert float(optax.tree_utils.tree_get(state.__getitem__(0).clip, "threshold")) == tau
