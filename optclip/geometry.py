@@ -1,8 +1,8 @@
 """Local geometry along update directions (Pan & Li 2023, Section 3 and Appendix B).
 
 Every function takes ``loss_fn(params) -> scalar`` for any parameter pytree (Flax variables
-included) and works on pytrees leaf by leaf: inner products are `optax.tree.vdot` (a
-tensordot per leaf, never a concatenation), so they also run on sharded parameters.
+included) and works on pytrees leaf by leaf: inner products are ``sum(jnp.sum(a * b))`` over
+leaves, never a concatenation, so they also run on sharded parameters.
 
 References:
   Pan & Li, Toward Understanding Why Adam Converges Faster Than SGD for Transformers, 2023
@@ -16,7 +16,6 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from optclip.clipping import clip_threshold
 
@@ -28,6 +27,7 @@ __all__ = [
     "directional_sharpness",
     "gradient_correlation",
     "landscape",
+    "attribution_terms",
     "map_directions",
     "sharpness_attribution",
     "taylor_decomposition",
@@ -36,14 +36,16 @@ __all__ = [
 LossFn = Callable[[Any], jax.Array]
 
 
-def _at_least_float32(tree):
-  return jax.tree.map(lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32)), tree)
-
-
 def tree_dot(a, b) -> jax.Array:
-  """⟨a, b⟩ over all leaves (`optax.tree.vdot`: a tensordot per leaf, explicit-sharding
-  safe), in float32 at least."""
-  return optax.tree.vdot(_at_least_float32(a), _at_least_float32(b))
+  """⟨a, b⟩ over all leaves, accumulated in float32 at least.
+
+  Not `optax.tree.vdot`: optax 0.2.8 picks its implementation by comparing version strings,
+  and "0.10.2" < "0.7.2", so on jax 0.10 it takes `jnp.vdot`, whose ravel of an explicitly
+  sharded axis raises. ``jnp.sum(a * b)`` per leaf runs on sharded leaves as they are.
+  """
+  terms = [jnp.sum(x.astype(jnp.promote_types(x.dtype, jnp.float32)) * y)
+           for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))]
+  return sum(terms) if terms else jnp.zeros(())
 
 
 def tree_norm(a) -> jax.Array:
@@ -106,8 +108,13 @@ def _second_derivative(loss_fn: LossFn, params, direction, method: str) -> jax.A
 
 
 class RobustSharpness(NamedTuple):
-  """Directional sharpness with Appendix B's shift: ``shifted`` marks re-evaluated ones."""
+  """Directional sharpness with Appendix B's Eq. (4) beside it.
+
+  ``sharpness`` is the raw value at x; where it is negative (``shifted``), ``robust`` is the
+  value re-evaluated at x + δ·u/‖u‖, elsewhere the raw value again.
+  """
   sharpness: jax.Array
+  robust: jax.Array
   shifted: jax.Array
 
 
@@ -120,8 +127,8 @@ def directional_sharpness(loss_fn: LossFn, params, directions, *,
   carrying a leading axis of size K) all are evaluated in one vmapped call that shares the
   primal computation.
 
-  With ``robust_delta=δ``, a direction whose sharpness is negative is re-evaluated at
-  x + δ·u/‖u‖ (Appendix B, Eq. 4; the paper uses δ = 0.01), and the result says which.
+  With ``robust_delta=δ``, a direction whose sharpness is negative is also evaluated at
+  x + δ·u/‖u‖ (Appendix B, Eq. 4; the paper uses δ = 0.01); the raw value is kept beside it.
 
   Args:
     loss_fn: params -> scalar loss.
@@ -162,7 +169,7 @@ def directional_sharpness(loss_fn: LossFn, params, directions, *,
   evaluate_shifted = functools.partial(map_directions, shifted_one) if batched else shifted_one
   shifted_values = jax.lax.cond(jnp.any(negative), evaluate_shifted,
                                 lambda d: sharpness, directions)
-  return RobustSharpness(jnp.where(negative, shifted_values, sharpness), negative)
+  return RobustSharpness(sharpness, jnp.where(negative, shifted_values, sharpness), negative)
 
 
 class GradientCorrelation(NamedTuple):
@@ -259,42 +266,59 @@ def landscape(loss_fn: LossFn, params, directions, step_sizes, *,
   return losses if batched else losses[0]
 
 
-def sharpness_attribution(loss_fn: LossFn, params, update,
-                          fractions: Sequence[float] = (0.001, 0.01, 0.05, 0.1, 0.5)) -> dict:
-  """How much of uᵀHu comes from the update's largest-|u| coordinates (Section 4.1).
-
-  The quadratic form splits over coordinates, uᵀHu = Σᵢ uᵢ(Hu)ᵢ. For each fraction f, with T
-  the coordinates at or above the top-f threshold of |u| (`clip_threshold`), this returns
-
-  * ``share``: Σ_{i∈T} uᵢ(Hu)ᵢ / uᵀHu, the top coordinates' share of the sharpness;
-  * ``norm_share``: Σ_{i∈T} uᵢ² / ‖u‖², their share of the squared norm;
-  * ``sharpness_without``: the directional sharpness of u with the coordinates in T zeroed;
-  * ``sharpness_clipped``: the directional sharpness of u clipped at that threshold.
+def attribution_terms(update, hvp, fractions: Sequence[float], *, select_by=None):
+  """The parts of `sharpness_attribution` that need no second derivatives, given Hu.
 
   Returns:
-    A dict of arrays of shape (len(fractions),), plus ``sharpness`` (the full direction's).
+    ``(share, norm_share, modified)``: arrays of shape (F,) and the 2F modified directions
+    (u without T for every fraction, then u clipped for every fraction) stacked along a
+    leading axis, whose directional sharpness completes the attribution.
   """
-  hvp = jax.jvp(jax.grad(loss_fn), (params,), (update,))[1]
+  select_by = update if select_by is None else select_by
   total = tree_dot(update, hvp)
   norm_sq = tree_dot(update, update)
   shares, norm_shares, without, clipped = [], [], [], []
   for fraction in fractions:
     tau = clip_threshold(update, fraction)
-    top = jax.tree.map(lambda u: jnp.abs(u) >= tau, update)
+    tau_select = clip_threshold(select_by, fraction)
+    top = jax.tree.map(lambda s: jnp.abs(s) >= tau_select, select_by)
     without.append(jax.tree.map(lambda u, t: jnp.where(t, 0, u), update, top))
     clipped.append(jax.tree.map(lambda u: jnp.clip(u, -tau, tau), update))
     shares.append(sum(jnp.sum(jnp.where(t, u * h, 0)) for u, h, t in zip(
         jax.tree.leaves(update), jax.tree.leaves(hvp), jax.tree.leaves(top))) / total)
     norm_shares.append(sum(jnp.sum(jnp.where(t, u * u, 0)) for u, t in zip(
         jax.tree.leaves(update), jax.tree.leaves(top))) / norm_sq)
-  # All 2·F modified directions in one batched call: one compiled second derivative, shared
-  # primal computation.
-  stacked = jax.tree.map(lambda *d: jnp.stack(d), *(without + clipped))
-  sharpness = directional_sharpness(loss_fn, params, stacked)
+  modified = jax.tree.map(lambda *d: jnp.stack(d), *(without + clipped))
+  return jnp.stack(shares), jnp.stack(norm_shares), modified
+
+
+def sharpness_attribution(loss_fn: LossFn, params, update,
+                          fractions: Sequence[float] = (0.001, 0.01, 0.05, 0.1, 0.5), *,
+                          select_by=None) -> dict:
+  """How much of uᵀHu comes from the largest coordinates (Sections 4.1-4.2).
+
+  The quadratic form splits over coordinates, uᵀHu = Σᵢ uᵢ(Hu)ᵢ. For each fraction f, with T
+  the coordinates at or above the top-f threshold of |s| (`clip_threshold`), where s is
+  ``select_by`` (e.g. the gradient, for the paper's gradient-Hessian correlation) or u
+  itself, this returns
+
+  * ``share``: Σ_{i∈T} uᵢ(Hu)ᵢ / uᵀHu, the top coordinates' share of the sharpness;
+  * ``norm_share``: Σ_{i∈T} uᵢ² / ‖u‖², their share of the squared norm;
+  * ``sharpness_without``: the directional sharpness of u with the coordinates in T zeroed;
+  * ``sharpness_clipped``: the directional sharpness of u clipped at its own top-f threshold.
+
+  Returns:
+    A dict of arrays of shape (len(fractions),), plus ``sharpness`` (the full direction's).
+  """
+  hvp = jax.jvp(jax.grad(loss_fn), (params,), (update,))[1]
+  share, norm_share, modified = attribution_terms(update, hvp, fractions,
+                                                  select_by=select_by)
+  # All 2·F modified directions in one call: one compiled second derivative.
+  sharpness = directional_sharpness(loss_fn, params, modified)
   count = len(fractions)
-  return {"fractions": jnp.asarray(fractions), "share": jnp.stack(shares),
-          "norm_share": jnp.stack(norm_shares), "sharpness_without": sharpness[:count],
-          "sharpness_clipped": sharpness[count:], "sharpness": total / norm_sq}
+  return {"fractions": jnp.asarray(fractions), "share": share, "norm_share": norm_share,
+          "sharpness_without": sharpness[:count], "sharpness_clipped": sharpness[count:],
+          "sharpness": tree_dot(update, hvp) / tree_dot(update, update)}
 
 
 def coordinate_histogram(tree, bins: int | Sequence[float] = 60,
