@@ -24,10 +24,16 @@ def language_identification(pairs, *, seed: int = 0):
   return texts, labels, info
 
 
+IMDB = ("python -c \"import datasets; datasets.load_dataset('imdb')"
+        ".save_to_disk('DATA/imdb')\"")
+
+
 def imdb(data_dir: str | None):
-  data, path = load_local_dataset(
-      data_dir, "imdb",
-      "python -c \"import datasets; datasets.load_dataset('imdb')['train']"
-      ".save_to_disk('DATA/imdb')\"")
+  """IMDB sentiment from ``data_dir/imdb``: every labelled split of the hub's DatasetDict
+  (train and test; the unlabelled "unsupervised" split, label -1, is left out)."""
+  data, path, splits = load_local_dataset(
+      data_dir, "imdb", IMDB, ("text", "label"),
+      usable=lambda part: part.filter(lambda label: label >= 0, input_columns="label"))
   texts, labels = list(data["text"]), np.asarray(data["label"], np.int32)
-  return texts, labels, {"source": path, "size": len(texts), "sha256": content_hash(texts)}
+  return texts, labels, {"source": path, "splits": splits, "size": len(texts),
+                         "sha256": content_hash(texts)}

@@ -34,11 +34,16 @@ def stdlib_sources(*, max_files: int | None = None, max_chars: int = 20000):
   return texts, info
 
 
+THE_STACK_SMOL = ("python -c \"import datasets; datasets.load_dataset("
+                  "'bigcode/the-stack-smol', data_dir='data/python')"
+                  ".save_to_disk('DATA/the-stack-smol')\"")
+
+
 def the_stack_smol(data_dir: str | None):
-  data, path = load_local_dataset(
-      data_dir, "the-stack-smol",
-      "python -c \"import datasets; datasets.load_dataset('bigcode/the-stack-smol', "
-      "data_dir='data/python').save_to_disk('DATA/the-stack-smol')\"")
+  """Python files of the-stack-smol from ``data_dir/the-stack-smol`` (the paper's code task
+  is Python: its ``data/python`` subset), ``content`` column, every split."""
+  data, path, splits = load_local_dataset(data_dir, "the-stack-smol", THE_STACK_SMOL,
+                                          ("content",))
   texts = list(data["content"])
-  return texts, {"source": path, "files": len(texts), "size": sum(map(len, texts)),
-                 "sha256": content_hash(texts)}
+  return texts, {"source": path, "splits": splits, "files": len(texts),
+                 "size": sum(map(len, texts)), "sha256": content_hash(texts)}

@@ -20,10 +20,21 @@ def content_hash(items: Iterable) -> str:
   return digest.hexdigest()[:16]
 
 
-def load_local_dataset(data_dir: str | None, name: str, how_to: str):
-  """A `datasets.Dataset` saved with ``save_to_disk`` under ``data_dir/name``.
+def load_local_dataset(data_dir: str | None, name: str, how_to: str,
+                       columns: tuple = (), usable=None):
+  """Every split of a `datasets` folder saved with ``save_to_disk`` under ``data_dir/name``.
 
-  Raises DataNotFound naming the folder and the command that creates it.
+  A DatasetDict contributes all its splits, in sorted order (a plain Dataset is one split,
+  "train"); ``usable(split_dataset) -> Dataset`` may drop rows no task can use (IMDB's
+  unlabelled "unsupervised" split, say).
+
+  Returns:
+    ``(rows, path, splits)``: a `datasets.Dataset` of the usable rows of every split, the
+    folder, and {split: usable rows}.
+
+  Raises:
+    DataNotFound: naming the folder and the command that creates it, when it is missing or
+      lacks one of ``columns``.
   """
   path = os.path.join(data_dir or "", name)
   if not data_dir or not os.path.isdir(path):
@@ -32,7 +43,20 @@ def load_local_dataset(data_dir: str | None, name: str, how_to: str):
         f"{path or '<--data-dir>/' + name}. optclip never downloads; on a machine with "
         f"internet run\n  {how_to}\nand copy the folder there (then pass --data-dir).")
   import datasets
-  data = datasets.load_from_disk(path)
-  if isinstance(data, datasets.DatasetDict):
-    data = data["train"]
-  return data, path
+  try:
+    data = datasets.load_from_disk(path)
+  except (FileNotFoundError, ValueError) as error:
+    raise DataNotFound(f"{path} is not a folder written by `datasets` save_to_disk "
+                       f"({error}); create it with\n  {how_to}") from error
+  parts = dict(sorted(data.items())) if isinstance(data, datasets.DatasetDict) else {"train": data}
+  for split, part in parts.items():
+    missing = [c for c in columns if c not in part.column_names]
+    if missing:
+      raise DataNotFound(f"{path}, split {split!r}: no column {missing[0]!r} (it has "
+                         f"{part.column_names}); create the folder with\n  {how_to}")
+  if usable is not None:
+    parts = {split: usable(part) for split, part in parts.items()}
+  splits = {split: len(part) for split, part in parts.items()}
+  rows = datasets.concatenate_datasets(list(parts.values())) if len(parts) > 1 else \
+      next(iter(parts.values()))
+  return rows, path, splits

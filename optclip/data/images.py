@@ -48,13 +48,16 @@ def synthetic_shapes(n: int = 2000, size: int = 12, *, seed: int = 0):
                           "size": n, "sha256": content_hash([images.tobytes()])}
 
 
+CIFAR10 = ("python -c \"import datasets; datasets.load_dataset('cifar10')"
+           ".save_to_disk('DATA/cifar10')\"")
+
+
 def cifar10(data_dir: str | None):
-  data, path = load_local_dataset(
-      data_dir, "cifar10",
-      "python -c \"import datasets; datasets.load_dataset('cifar10')['train']"
-      ".save_to_disk('DATA/cifar10')\"")
+  """CIFAR-10 from ``data_dir/cifar10``: every split of the hub's DatasetDict (train and
+  test), ``img`` (32×32 RGB) and ``label``."""
+  data, path, splits = load_local_dataset(data_dir, "cifar10", CIFAR10, ("img", "label"))
   data = data.with_format("numpy")
   images = np.asarray(data["img"], np.float32) / 255.0
   labels = np.asarray(data["label"], np.int32)
-  return images, labels, {"source": path, "size": len(labels),
+  return images, labels, {"source": path, "splits": splits, "size": len(labels),
                           "sha256": content_hash([images[:16].tobytes()])}

@@ -54,12 +54,14 @@ def gettext_pairs(locale_dir: str = DEFAULT_LOCALE_DIR, *, min_chars: int = 4,
   return pairs, info
 
 
+OPUS_BOOKS = ("python -c \"import datasets; datasets.load_dataset('opus_books', 'en-fr')"
+              ".save_to_disk('DATA/opus_books')\"")
+
+
 def opus_books(data_dir: str | None):
-  """The paper's opus_books en-fr pairs from ``data_dir/opus_books`` (save_to_disk format)."""
-  data, path = load_local_dataset(
-      data_dir, "opus_books",
-      "python -c \"import datasets; datasets.load_dataset('opus_books', 'en-fr')"
-      ".save_to_disk('DATA/opus_books')\"")
-  pairs = [(_normalise(row["translation"]["en"]), _normalise(row["translation"]["fr"]))
-           for row in data]
-  return pairs, {"source": path, "size": len(pairs), "sha256": content_hash(pairs)}
+  """The paper's opus_books en-fr pairs from ``data_dir/opus_books`` (save_to_disk format,
+  the hub's DatasetDict: every split, rows of ``translation`` = {"en": ..., "fr": ...})."""
+  data, path, splits = load_local_dataset(data_dir, "opus_books", OPUS_BOOKS, ("translation",))
+  pairs = [(_normalise(t["en"]), _normalise(t["fr"])) for t in data["translation"]]
+  return pairs, {"source": path, "splits": splits, "size": len(pairs),
+                 "sha256": content_hash(pairs)}
