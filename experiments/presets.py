@@ -22,6 +22,10 @@ class TaskPreset:
   max_length: int = 32   # tokens (source/target/block); pixels for images
   vocab_size: int = 512  # tokenizer trained on the training split (ignored for images)
   source: str = "offline"  # "offline" (defaults shipped with the OS/Python) or "paper"
+  # Pretraining on the other half of the corpus (0: none; see experiments.pretraining).
+  pretrain_size: int = 0
+  pretrain_epochs: int = 0
+  pretrain_learning_rate: float = 2e-3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +40,9 @@ class Preset:
   probe_epochs: tuple               # the paper's 2, 5, 10, 20, scaled
   trajectory_learning_rates: dict   # {"sgd": ..., "adam": ...}
   landscape_steps: tuple            # step sizes along u/‖u‖
-  hutchinson_samples: int           # Hessian diagonal estimate for R_med
+  curvature_samples: int            # coordinates per leaf with exact H_ii (R_med, Section 4.2)
+  curvature_at: str                 # take them at "every" probe point or the "last" of a unit
+  lanczos_iterations: int           # for λ_max at every probe point (Section 3.1)
   convergence_epochs: int
   convergence_lr_multipliers: tuple  # 1.0 alone = Table 3 as published; more = a small scan
   smoothness_epochs: int
@@ -44,6 +50,9 @@ class Preset:
   resnet_epochs: int
   resnet_probe_epochs: tuple
   theory_dim: int
+  # Where the probe batch comes from: "train" (a fixed subset of the training subset, as the
+  # paper's code; Appendix B.3) or "held-out" (outside it).
+  probe_batch: str = "train"
 
 
 def _steps(low: float, high: float, count: int) -> tuple:
@@ -54,14 +63,15 @@ def _steps(low: float, high: float, count: int) -> tuple:
 SMOKE = Preset(
     name="smoke", seeds=(0,),
     translation=TaskPreset("t5-micro", train_size=32, batch_size=16, test_size=16,
-                           max_length=16, vocab_size=128),
+                           max_length=16, vocab_size=128, pretrain_size=64, pretrain_epochs=1),
     code=TaskPreset("gpt-neo-micro", train_size=32, batch_size=16, test_size=16,
-                    max_length=16, vocab_size=128),
+                    max_length=16, vocab_size=128, pretrain_size=64, pretrain_epochs=1),
     classification=TaskPreset("bert-micro", train_size=50, batch_size=25, test_size=25,
                               max_length=16, vocab_size=128),
     images=TaskPreset("resnet-tiny", train_size=32, batch_size=16, test_size=16, max_length=8),
     epochs=2, probe_epochs=(1, 2), trajectory_learning_rates={"sgd": 1e-2, "adam": 1e-3},
-    landscape_steps=(0.0,) + _steps(1e-3, 1.0, 5), hutchinson_samples=2,
+    landscape_steps=(0.0,) + _steps(1e-3, 1.0, 5), curvature_samples=4, curvature_at="last",
+    lanczos_iterations=8,
     convergence_epochs=2, convergence_lr_multipliers=(1.0,), smoothness_epochs=2,
     smoothness_learning_rate=1e-4, resnet_epochs=2, resnet_probe_epochs=(1, 2), theory_dim=200)
 
@@ -69,22 +79,27 @@ QUICK = Preset(
     name="quick", seeds=(0, 1, 2),
     # Sized so that all experiments x 3 seeds fit in ~15 minutes on 2 CPU cores, about a
     # third of which is XLA compilation.
-    translation=TaskPreset("t5-mini", train_size=128, batch_size=32, test_size=64,
-                           max_length=24, vocab_size=384),
-    code=TaskPreset("gpt-neo-mini", train_size=128, batch_size=32, test_size=64,
-                    max_length=32, vocab_size=384),
+    # Pretrained on 4096 examples of the corpus' other half, 4 epochs of Adam (512 steps).
+    translation=TaskPreset("t5-mini", train_size=128, batch_size=32, test_size=32,
+                           max_length=24, vocab_size=384, pretrain_size=4096,
+                           pretrain_epochs=4),
+    code=TaskPreset("gpt-neo-mini", train_size=128, batch_size=32, test_size=32,
+                    max_length=32, vocab_size=384, pretrain_size=4096, pretrain_epochs=4),
     classification=TaskPreset("bert-micro", train_size=250, batch_size=25, test_size=25,
                               max_length=24, vocab_size=384),
     images=TaskPreset("resnet-tiny", train_size=512, batch_size=64, test_size=128,
                       max_length=8),
     epochs=20, probe_epochs=(2, 5, 10, 20),
-    # The tiny models move too slowly at the paper's 2e-4 for 20 short epochs; a larger
-    # trajectory rate gives a comparable stage of training (recorded in config.json).
-    trajectory_learning_rates={"sgd": 3e-2, "adam": 2e-3},
-    landscape_steps=(0.0,) + _steps(1e-3, 10.0, 15), hutchinson_samples=4,
+    # The smallest rates of the grids {0.03, 0.1, 0.3} (SGD) and {2e-4, 1e-3} (Adam, the
+    # paper's value first) at which the probe-batch loss of both tasks falls by at least 5%
+    # over the 20 epochs from the pretrained start (the criterion for "visibly trains",
+    # fixed before the pilot run that chose them; recorded in config.json).
+    trajectory_learning_rates={"sgd": 0.1, "adam": 2e-4},
+    landscape_steps=(0.0,) + _steps(1e-3, 10.0, 15), curvature_samples=8, curvature_at="last",
+    lanczos_iterations=20,
     convergence_epochs=10, convergence_lr_multipliers=(1.0, 10.0, 100.0),
     smoothness_epochs=10, smoothness_learning_rate=1e-3, resnet_epochs=10,
-    resnet_probe_epochs=(2, 5, 10), theory_dim=2000)
+    resnet_probe_epochs=(2, 5, 10), theory_dim=1000)
 
 PAPER = Preset(
     name="paper", seeds=(0, 1, 2),
@@ -97,10 +112,11 @@ PAPER = Preset(
     images=TaskPreset("resnet-152", train_size=50000, batch_size=1000, test_size=1024,
                       max_length=32, source="paper"),
     epochs=20, probe_epochs=(2, 5, 10, 20), trajectory_learning_rates={"sgd": 2e-4, "adam": 2e-4},
-    landscape_steps=(0.0,) + _steps(1e-4, 10.0, 31), hutchinson_samples=16,
+    landscape_steps=(0.0,) + _steps(1e-4, 10.0, 31), curvature_samples=256, curvature_at="every",
+    lanczos_iterations=40,
     convergence_epochs=20, convergence_lr_multipliers=(1.0,), smoothness_epochs=10,
     smoothness_learning_rate=1e-4, resnet_epochs=10, resnet_probe_epochs=(2, 5, 10),
-    theory_dim=100000)
+    theory_dim=4000)
 
 PRESETS = {p.name: p for p in (SMOKE, QUICK, PAPER)}
 

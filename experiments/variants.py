@@ -58,13 +58,15 @@ class Variant:
       kwargs["clip_update"] = self.clip_update
     return kwargs
 
-  def make(self, learning_rate, *, tunable: bool = False) -> optax.GradientTransformation:
-    """The optimizer at ``learning_rate`` (None: Adafactor's relative step size).
+  def make(self, learning_rate, *, tunable: bool = False, **options
+           ) -> optax.GradientTransformation:
+    """The optimizer at ``learning_rate`` (None: Adafactor's relative step size), with
+    further keyword ``options`` of its factory (``momentum_start``, say).
 
     ``tunable=True`` keeps the learning rate in the state (`optax.inject_hyperparams`), so
     one compiled step serves every rate.
     """
-    factory, kwargs = BASES[self.base], self._kwargs()
+    factory, kwargs = BASES[self.base], {**self._kwargs(), **options}
     if learning_rate is None:
       return factory(**kwargs)
     if tunable:
