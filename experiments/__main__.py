@@ -27,7 +27,9 @@ def _parser():
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--data-dir", default=None,
                    help="folder with the paper's data sets saved by `datasets` (paper preset)")
-    p.add_argument("--cache-dir", default=None, help="tokenizer cache (default <out>/cache)")
+    p.add_argument("--cache-dir", default=None,
+                   help="tokenizers and pretrained mini models, reused by later runs "
+                        "(default $OPTCLIP_CACHE or ~/.cache/optclip)")
     p.add_argument("--checkpoint", action="append", default=[], metavar="TASK=FOLDER",
                    help="start a task from a local Hugging Face checkpoint folder, with its "
                         "tokenizer (translation=<t5 folder>, code=<gpt-neo folder>, "
@@ -35,6 +37,13 @@ def _parser():
     p.add_argument("--mesh", default=None,
                    help="device mesh such as data=2,fsdp=4 (parameters FSDP-sharded, batches "
                         "along data)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   dest="overrides",
+                   help="override a preset field (dotted for a task's: translation.batch_size"
+                        "=8); repeatable, type-checked")
+    p.add_argument("--random-init", action="store_true",
+                   help="with --preset paper, start tasks without --checkpoint from random "
+                        "weights instead of refusing")
   report = sub.add_parser("report", help="rebuild report.md of a run folder from its metrics")
   report.add_argument("dir")
   return parser
@@ -57,6 +66,11 @@ def main(argv=None, *, after_checkpoint=None) -> int:
   except UsageError as error:
     print(f"error: {error}", file=sys.stderr)
     return 2
+
+
+def default_cache_dir() -> str:
+  return os.environ.get("OPTCLIP_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                         "optclip")
 
 
 def _initialize_distributed() -> bool:
@@ -92,13 +106,14 @@ def _checkpoints(values) -> dict:
 
 
 def _run(args, after_checkpoint) -> int:
-  from experiments import presets, registry, report, run_folder
+  """Preflight (every check that can fail, nothing written yet), then the experiments."""
+  from experiments import overrides, preflight, presets, registry, report, run_folder
   from experiments.context import Context
   from experiments.metrics import Metrics
   if args.preset not in presets.PRESETS:
     raise UsageError(f"--preset {args.preset!r} is unknown; choose one of "
                      f"{sorted(presets.PRESETS)}")
-  preset = presets.PRESETS[args.preset]
+  preset, applied = overrides.apply(presets.PRESETS[args.preset], args.overrides)
   if preset.name == "paper" and not args.data_dir:
     raise UsageError("--preset paper reads the paper's data sets from --data-dir "
                      "(opus_books, the-stack-smol, imdb, cifar10 saved with `datasets`); "
@@ -116,21 +131,31 @@ def _run(args, after_checkpoint) -> int:
     except ValueError as error:
       raise UsageError(f"--mesh: {error}") from error
   checkpoints = _checkpoints(args.checkpoint)
-  run_folder.prepare(out, args.resume)
-  previous = run_folder.read_config(out)
+  experiments = ([e for e in registry.EXPERIMENTS if e.in_reproduce]
+                 if args.command == "reproduce" else [registry.BY_NAME[args.command]])
+  needed = list(dict.fromkeys(t for e in experiments for t in e.tasks))
+  if preset.name == "paper":
+    preflight.require_checkpoints(needed, checkpoints, args.random_init)
+  run_folder.check(out, args.resume)
+  previous = run_folder.read_config(out) if os.path.isdir(out) else {}
   if args.resume and previous and previous.get("preset") != preset.name:
     raise UsageError(f"--resume: {out} was run with preset {previous.get('preset')!r}, "
                      f"not {preset.name!r}")
-  experiments = ([e for e in registry.EXPERIMENTS if e.in_reproduce]
-                 if args.command == "reproduce" else [registry.BY_NAME[args.command]])
+  ctx = Context(preset, seeds, out, None, args.data_dir, args.cache_dir or
+                default_cache_dir(), mesh, checkpoints, after_checkpoint)
+  built = [ctx.task(name, seeds[0]) for name in needed]  # data, sizes, checkpoints, models
+  preflight.check_disk(out, preflight.checkpoint_bytes(
+      [t for t in built if t.name in ("translation", "code")], units_per_task=len(seeds) * 2))
+  run_folder.prepare(out, args.resume)
+  ctx.metrics = Metrics(out)
   run_folder.write_config(out, {"command": args.command, "preset": preset.name,
-                                "seeds": list(seeds), "mesh": args.mesh,
-                                "checkpoints": checkpoints,
+                                "overrides": applied, "seeds": list(seeds), "mesh": args.mesh,
+                                "checkpoints": {name: {"folder": folder,
+                                                       "sha256": _folder_hash(folder)}
+                                                for name, folder in checkpoints.items()},
+                                "random_init": args.random_init,
                                 "preset_values": dataclasses.asdict(preset),
                                 "environment": run_folder.environment()})
-  ctx = Context(preset, seeds, out, Metrics(out), args.data_dir,
-                args.cache_dir or os.path.join(out, "cache"), mesh, checkpoints,
-                after_checkpoint)
   start = time.time()
   for experiment in experiments:
     began = time.time()
@@ -144,6 +169,19 @@ def _run(args, after_checkpoint) -> int:
   for line in report.verdict_lines(out):
     print(" -", line)
   return 0
+
+
+def _folder_hash(folder: str) -> str:
+  """sha256 over a checkpoint folder's weight files, by name: identifies its weights."""
+  import hashlib
+  digest = hashlib.sha256()
+  for name in sorted(os.listdir(folder)):
+    if name.endswith((".safetensors", ".bin", ".json")) and name != "pretraining.json":
+      digest.update(name.encode())
+      with open(os.path.join(folder, name), "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+          digest.update(block)
+  return digest.hexdigest()[:16]
 
 
 if __name__ == "__main__":

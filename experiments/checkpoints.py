@@ -1,9 +1,19 @@
-"""Orbax checkpoints of training units: checkpoints/<unit>/<step>."""
+"""Orbax checkpoints of training units: checkpoints/<unit>/<step>.
+
+Each unit keeps its two newest steps, so that a damaged newest one (a preemption while the
+disk was writing, say) falls back to the one before; unreadable steps are set aside as
+``<step>.unreadable`` (never deleted), and orbax's leftover temporary folders are cleared.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 import shutil
+import sys
+
+KEEP = 2  # steps kept per unit
 
 
 def checkpoint_dir(out: str, unit: str) -> str:
@@ -14,8 +24,9 @@ def checkpoint_dir(out: str, unit: str) -> str:
 def save(out: str, unit: str, step: int, state) -> None:
   """Saves ``state`` (a pytree of arrays) as checkpoints/<unit>/<step>.
 
-  Older steps of the same unit are kept until the new one is complete, so a kill during the
-  save loses nothing.
+  Older steps are removed only once the new one is complete (orbax commits it by renaming a
+  temporary folder), and the previous one stays as a fallback: a kill during the save loses
+  nothing.
   """
   import orbax.checkpoint as ocp
   directory = checkpoint_dir(out, unit)
@@ -24,18 +35,63 @@ def save(out: str, unit: str, step: int, state) -> None:
   if not os.path.exists(path):
     with ocp.StandardCheckpointer() as checkpointer:
       checkpointer.save(path, state)
-  for old in os.listdir(directory):
-    if old.isdigit() and int(old) < step:
-      shutil.rmtree(os.path.join(directory, old), ignore_errors=True)
+  for old in _steps(directory)[:-KEEP]:
+    shutil.rmtree(os.path.join(directory, str(old)), ignore_errors=True)
+
+
+def _steps(directory: str) -> list:
+  """The committed steps of a unit, oldest first."""
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(s) for s in os.listdir(directory) if s.isdigit())
 
 
 def latest(out: str, unit: str):
   """The newest saved step of ``unit``, or None."""
+  steps = _steps(checkpoint_dir(out, unit))
+  return steps[-1] if steps else None
+
+
+def restore_latest(out: str, unit: str, like):
+  """``(step, state)`` from the newest readable checkpoint of ``unit``, or ``(0, like)``.
+
+  Orbax's leftover temporary folders (a save cut short) are removed first. A checkpoint
+  that cannot be read is reported in one line, renamed ``<step>.unreadable`` and the one
+  before it tried; with none left the unit starts over.
+  """
   directory = checkpoint_dir(out, unit)
   if not os.path.isdir(directory):
-    return None
-  steps = sorted(int(s) for s in os.listdir(directory) if s.isdigit())
-  return steps[-1] if steps else None
+    return 0, like
+  for name in os.listdir(directory):
+    if "orbax-checkpoint-tmp" in name:
+      shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+  for step in reversed(_steps(directory)):
+    try:
+      with _quiet_async_failures():
+        return step, restore(out, unit, step, like)
+    except Exception as error:  # noqa: BLE001 - any failure to read means: not usable
+      path = os.path.join(directory, str(step))
+      reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+      reason = reason.split(". See full")[0][:160]
+      print(f"warning: checkpoint {path} is unreadable ({type(error).__name__}: {reason}); "
+            f"kept as {path}.unreadable, resuming from the one before it", file=sys.stderr,
+            flush=True)
+      os.replace(path, f"{path}.unreadable")
+  return 0, like
+
+
+@contextlib.contextmanager
+def _quiet_async_failures():
+  """Orbax reads arrays in asyncio tasks; when one read fails, the others die with the
+  event loop and Python prints their errors as "Exception ignored" tracebacks while they
+  are collected. The failure itself is reported once, by the caller."""
+  saved = sys.unraisablehook
+  sys.unraisablehook = lambda unraisable: None
+  try:
+    yield
+  finally:
+    gc.collect()
+    sys.unraisablehook = saved
 
 
 def restore(out: str, unit: str, step: int, like):

@@ -23,12 +23,17 @@ class Context:
   after_checkpoint: Callable | None = None
   # What each task was built from (source, sizes, hashes), for config.json.
   data_info: dict = dataclasses.field(default_factory=dict)
+  # Built tasks by (name, seed, task preset): preflight builds the first seed's, the
+  # experiments reuse them.
+  built: dict = dataclasses.field(default_factory=dict)
 
   def task(self, name: str, seed: int):
-    task = tasks.build(name, self.preset, seed, self.data_dir, self.cache_dir,
-                       self.checkpoints)
-    self.data_info[name] = task.info
-    return task
+    key = (name, seed, getattr(self.preset, name), self.preset.probe_batch)
+    if key not in self.built:
+      self.built[key] = tasks.build(name, self.preset, seed, self.data_dir, self.cache_dir,
+                                    self.checkpoints)
+    self.data_info[name] = self.built[key].info
+    return self.built[key]
 
   def checkpointing(self, unit: str, epochs) -> training.Checkpointing:
     return training.Checkpointing(self.out, unit, frozenset(epochs), self.after_checkpoint)

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from experiments import probing, trajectory
+from experiments import probing
+from experiments.claims import verdict
 from experiments.figures import new_figure, save_figure
 from experiments.run_folder import figure_path
 from experiments.tables import mean_std, write_table
-from experiments.variants import by_label
 
 NAME = "landscape"
 
@@ -18,30 +18,51 @@ NAME = "landscape"
 def _style(label, labels):
   """A colour per base algorithm; its clipped variants lighter and dashed."""
   import matplotlib.cm as cm
-  known = by_label(v for probes in trajectory.PROBES.values() for v in probes)
-  variant = known[label]
-  bases = list(dict.fromkeys(known[l].base for l in labels))
+  variant = probing.KNOWN[label]
+  bases = list(dict.fromkeys(probing.KNOWN[l].base for l in labels))
   colour = cm.tab10(bases.index(variant.base) % 10)
   return (colour, 0.45, "--") if variant.clipped else (colour, 1.0, "-")
 
 
-def plot(record, path: str, *, with_adafactor: bool) -> None:
+def plot(runs, path: str, *, with_adafactor: bool) -> None:
+  """The probe-batch loss along each direction: the mean over seeds, and a band from the
+  lowest to the highest seed."""
   fig, ax = new_figure(figsize=(6.5, 4.2))
-  steps = np.asarray(record["step_sizes"])
-  curves = np.asarray(record["landscape"], np.float64)
-  for name, curve in zip(record["algorithms"], curves):
+  first = runs[0]
+  steps = np.asarray(first["step_sizes"])
+  curves = np.asarray([r["landscape"] for r in runs], np.float64)  # (seeds, K, S)
+  labels = [l for l in first["algorithms"] if l in probing.PAPER_LABELS[first["kind"]]]
+  for name in labels:
     if not with_adafactor and name.startswith("adafactor"):
       continue
-    colour, alpha, linestyle = _style(name, record["algorithms"])
-    ax.plot(steps[1:], curve[1:], label=name, color=colour, alpha=alpha, linestyle=linestyle)
-  ax.axhline(curves[0, 0], color="grey", linewidth=0.8, linestyle=":")
+    index = first["algorithms"].index(name)
+    colour, alpha, linestyle = _style(name, labels)
+    ax.plot(steps[1:], curves[:, index, 1:].mean(0), label=name, color=colour, alpha=alpha,
+            linestyle=linestyle)
+    if len(runs) > 1:
+      ax.fill_between(steps[1:], curves[:, index, 1:].min(0), curves[:, index, 1:].max(0),
+                      color=colour, alpha=0.12 * alpha)
+  ax.axhline(curves[:, 0, 0].mean(), color="grey", linewidth=0.8, linestyle=":")
   ax.set_xscale("log")
   ax.set_xlabel("step size (distance along u/‖u‖)")
-  ax.set_ylabel("test-batch loss")
-  ax.set_title(f"{record['task']}, {record['trajectory']} trajectory, epoch {record['epoch']}"
-               + ("" if with_adafactor else " (without Adafactor)"))
+  ax.set_ylabel("probe-batch loss")
+  ax.set_title(f"{first['task']}, {first['trajectory']} trajectory, epoch {first['epoch']}, "
+               f"{len(runs)} seed(s)" + ("" if with_adafactor else " (without Adafactor)"))
   ax.legend(fontsize=6, ncol=2)
   save_figure(fig, path)
+
+
+def best_reduction(record, index) -> tuple:
+  """The best one-step loss reduction along direction ``index`` and the step that gives it."""
+  curve = np.asarray(record["landscape"][index], np.float64)
+  if not np.isfinite(curve[0]):  # a zero direction (see the clip ablation): undefined
+    return float("nan"), float("nan")
+  curve = np.where(np.isfinite(curve), curve, np.inf)
+  return curve[0] - curve.min(), record["step_sizes"][int(np.argmin(curve))]
+
+
+RULE = ("at the last probe point of the SGD trajectory, reproduced if Adam's best one-step "
+        "reduction (mean over seeds) exceeds SGD's")
 
 
 def write(out: str, records):
@@ -53,28 +74,28 @@ def write(out: str, records):
     for epoch, runs in sorted(by_epoch.items()):
       for with_adafactor in (True, False):
         name = f"landscape_{task}_{traj}_epoch{epoch}" + ("" if with_adafactor else "_no_adafactor")
-        plot(runs[0], figure_path(out, name), with_adafactor=with_adafactor)
+        plot(runs, figure_path(out, name), with_adafactor=with_adafactor)
         figures.append(name)
-      for index, algorithm in enumerate(runs[0]["algorithms"]):
-        reductions = [r["landscape"][index][0] - min(r["landscape"][index]) for r in runs]
-        best_steps = [r["step_sizes"][int(np.argmin(r["landscape"][index]))] for r in runs]
+      for algorithm in probing.PAPER_LABELS["transformer"]:
+        index = runs[0]["algorithms"].index(algorithm)
+        reductions, best_steps = zip(*(best_reduction(r, index) for r in runs))
         mean, std = mean_std(reductions)
         rows.append([task, traj, epoch, algorithm, mean, std, float(np.median(best_steps))])
   table = write_table(out, "landscape_best_reduction",
-                             ["task", "trajectory", "epoch", "algorithm",
-                              "best loss reduction (mean)", "std", "best step (median)"], rows)
-  text = ("### Loss landscape along the update directions\n\nFigures: "
+                      ["task", "trajectory", "epoch", "algorithm",
+                       "best loss reduction (mean)", "std", "best step (median)"], rows)
+  text = ("### Loss landscape along the update directions (Figures 2-4, 7-16)\n\nEvery "
+          "seed: the mean curve with a band from the lowest to the highest seed. Figures: "
           + ", ".join(f"`figures/{f}.png`" for f in figures[:6])
           + (f" and {len(figures) - 6} more" if len(figures) > 6 else "")
           + ".\n\n" + table)
   verdicts = []
   for task in probing.TRANSFORMER_TASKS:
-    best = {r[3]: r[4] for r in rows if r[0] == task and r[1] == "sgd"}
-    if best:
-      adam, sgd = best.get("adam"), best.get("sgd")
-      if adam is not None and sgd is not None:
-        verdicts.append(f"Adam's direction allows a larger one-step loss reduction than SGD's "
-                        f"(Figures 2-4) — {task}, SGD trajectory: "
-                        f"**{'reproduced' if adam > sgd else 'not reproduced'}** "
-                        f"(last listed probe: Adam {adam:.3g} vs SGD {sgd:.3g})")
+    last = max((r[2] for r in rows if r[0] == task and r[1] == "sgd"), default=None)
+    best = {r[3]: r[4] for r in rows if r[0] == task and r[1] == "sgd" and r[2] == last}
+    if "adam" in best and "sgd" in best:
+      adam, sgd = best["adam"], best["sgd"]
+      verdicts.append(verdict("landscape", "reproduced" if adam > sgd else "not reproduced",
+                              RULE, f"epoch {last}: Adam {adam:.3g} vs SGD {sgd:.3g}",
+                              f"{task}, SGD trajectory"))
   return text, verdicts

@@ -68,6 +68,135 @@ SHARPNESS_RATIO = {
     },
 }
 
+# Tables 4 and 6 run by run (3 experiments each): ratio to SGD per probe epoch.
+TABLE4_RUNS = {
+    2: {
+        'sgd': [1.0, 1.0, 1.0],
+        'sgd, clip grad 0.1': [0.060764, 0.04182, 0.041375],
+        'adam': [0.029132, 0.020919, 0.020288],
+        'adam, clip grad 0.5': [6.62e-05, 4.62e-05, 4.56e-05],
+        'adam, clip update 0.5': [0.021666, 0.014873, 0.014498],
+        'adafactor': [6.91e-06, 4.47e-06, 3.91e-06],
+        'adafactor, clip grad 0.5': [2.36e-08, 1.49e-08, 1.25e-08],
+        'lion': [0.013626, 0.009318, 0.00908],
+        'lion, clip update 0.5': [0.024812, 0.016958, 0.016522],
+        'sign sgd': [0.009136, 0.006336, 0.006284],
+        'normalized sgd': [0.083261, 0.056086, 0.055766],
+        'normalized sgd, clip grad 0.1': [0.020651, 0.01418, 0.013987],
+    },
+    5: {
+        'sgd': [1.0, 1.0, 1.0],
+        'sgd, clip grad 0.1': [0.010348, 0.015692, -0.00493],
+        'adam': [0.003186, 0.004729, -0.000738],
+        'adam, clip grad 0.5': [1.04e-05, 1.75e-05, 8.79e-06],
+        'adam, clip update 0.5': [0.002292, 0.003452, -0.000687],
+        'adafactor': [7.61e-07, 1.13e-06, 5.07e-07],
+        'adafactor, clip grad 0.5': [3.07e-09, 5.01e-09, 4.24e-09],
+        'lion': [0.001448, 0.00218, -0.000473],
+        'lion, clip update 0.5': [0.002629, 0.003959, -0.000863],
+        'sign sgd': [0.001542, 0.002334, -0.000362],
+        'normalized sgd': [0.013939, 0.021917, 0.005331],
+        'normalized sgd, clip grad 0.1': [0.003351, 0.005242, -0.000223],
+    },
+    10: {
+        'sgd': [1.0, 1.0, 1.0],
+        'sgd, clip grad 0.1': [0.038175, 0.033345, 0.044562],
+        'adam': [0.010894, 0.009658, 0.013078],
+        'adam, clip grad 0.5': [5.4e-05, 4.83e-05, 6.47e-05],
+        'adam, clip update 0.5': [0.008573, 0.007475, 0.010194],
+        'adafactor': [2.59e-06, 3.31e-06, 3.09e-06],
+        'adafactor, clip grad 0.5': [1.4e-08, 1.69e-08, 1.7e-08],
+        'lion': [0.005113, 0.004561, 0.006098],
+        'lion, clip update 0.5': [0.009256, 0.008259, 0.011046],
+        'sign sgd': [0.005738, 0.00497, 0.006808],
+        'normalized sgd': [0.053926, 0.046155, 0.061938],
+        'normalized sgd, clip grad 0.1': [0.012715, 0.01102, 0.014784],
+    },
+    20: {
+        'sgd': [1.0, 1.0, 1.0],
+        'sgd, clip grad 0.1': [0.046561, -0.009589, 0.043289],
+        'adam': [0.012866, -0.002554, 0.011917],
+        'adam, clip grad 0.5': [9.15e-05, -1.97e-05, 8.71e-05],
+        'adam, clip update 0.5': [0.010421, -0.002174, 0.009732],
+        'adafactor': [3.02e-06, -6.96e-07, 2.7e-06],
+        'adafactor, clip grad 0.5': [2.46e-08, -6.03e-09, 2.23e-08],
+        'lion': [0.006787, -0.001373, 0.006381],
+        'lion, clip update 0.5': [0.012249, -0.002472, 0.011518],
+        'sign sgd': [0.006936, -0.001495, 0.006453],
+        'normalized sgd': [0.066658, -0.014244, 0.06107],
+        'normalized sgd, clip grad 0.1': [0.015486, -0.00331, 0.014405],
+    },
+}
+TABLE6_RUNS = {
+    2: {
+        'sgd': [1.0, 1.0, 1.0],
+        'sgd, clip grad 0.1': [0.002899, 0.003474, 0.003715],
+        'adam': [0.003248, 0.003711, 0.00396],
+        'adam, clip grad 0.5': [6.24e-05, 5.58e-05, 6.71e-05],
+        'adam, clip update 0.5': [0.00284, 0.003167, 0.003346],
+        'adafactor': [4.1e-07, 3.42e-07, 5.83e-07],
+        'adafactor, clip grad 0.5': [1.53e-08, 1.14e-08, 1.79e-08],
+        'lion': [0.001195, 0.001467, 0.001468],
+        'lion, clip update 0.5': [0.00212, 0.002613, 0.002611],
+        'sign sgd': [0.000638, 0.000762, 0.000765],
+        'normalized sgd': [0.01143, 0.009482, 0.011515],
+    },
+    5: {
+        'sgd': [1.0, 1.0, 1.0],
+        'sgd, clip grad 0.1': [0.003316, 0.002051, 0.002137],
+        'adam': [0.000294, 0.000151, 0.000345],
+        'adam, clip grad 0.5': [8.33e-07, 5.14e-07, 1.05e-05],
+        'adam, clip update 0.5': [0.001268, 0.000636, 0.000565],
+        'adafactor': [2.5e-07, 1.46e-07, 1.16e-07],
+        'adafactor, clip grad 0.5': [2.59e-09, 1.83e-09, 5.99e-09],
+        'lion': [0.000495, 0.000338, 0.000274],
+        'lion, clip update 0.5': [0.000862, 0.000586, 0.000483],
+        'sign sgd': [0.000673, 0.000408, 0.000373],
+        'normalized sgd': [0.00463, 0.003971, 0.003808],
+    },
+    10: {
+        'sgd': [1.0, 1.0, 1.0],
+        'sgd, clip grad 0.1': [0.000693, 0.000805, 0.00096],
+        'adam': [1.44e-05, 1.94e-05, 8.62e-05],
+        'adam, clip grad 0.5': [1.04e-07, 1.38e-07, 3.71e-06],
+        'adam, clip update 0.5': [0.00013, 0.000168, 0.000148],
+        'adafactor': [1.13e-07, 7.67e-08, 1.33e-07],
+        'adafactor, clip grad 0.5': [1.69e-09, 1.23e-09, 6.34e-09],
+        'lion': [0.000195, 0.000206, 0.000185],
+        'lion, clip update 0.5': [0.000329, 0.000349, 0.000325],
+        'sign sgd': [0.000167, 0.000216, 0.00018],
+        'normalized sgd': [0.00202, 0.002424, 0.001556],
+    },
+    20: {
+        'sgd': [1.0, 1.0, 1.0],
+        'sgd, clip grad 0.1': [0.00028, 0.000492, 0.001019],
+        'adam': [7.68e-06, 1.62e-05, 0.000118],
+        'adam, clip grad 0.5': [8.58e-08, 1.64e-07, 4.54e-06],
+        'adam, clip update 0.5': [9.61e-05, 0.000178, 0.00019],
+        'adafactor': [3.77e-07, 3.97e-07, 2.06e-07],
+        'adafactor, clip grad 0.5': [4.89e-09, 5.12e-09, 8.16e-09],
+        'lion': [0.000222, 0.000296, 0.000244],
+        'lion, clip update 0.5': [0.000369, 0.000491, 0.000427],
+        'sign sgd': [0.00014, 0.000223, 0.000197],
+        'normalized sgd': [0.002141, 0.002281, 0.001938],
+        'normalized sgd, clip grad 0.1': [0.000247, 0.000393, 0.000405],
+    },
+}
+RUNS = {("translation", "sgd"): TABLE4_RUNS, ("translation", "adam"): TABLE6_RUNS}
+TABLE_NUMBERS = {("translation", "sgd"): 4, ("code", "sgd"): 5, ("translation", "adam"): 6,
+                 ("code", "adam"): 7}
+
+
+def negative_entries(task: str, trajectory: str) -> tuple:
+  """(negative, all) per-run entries of the paper's table for (task, trajectory)."""
+  runs = RUNS.get((task, trajectory))
+  if runs is not None:
+    values = [v for rows in runs.values() for row in rows.values() for v in row]
+  else:
+    values = [v for rows in SHARPNESS_RATIO[(task, trajectory)].values() for v in rows.values()]
+  return sum(v < 0 for v in values), len(values)
+
+
 # Table 1 (translation, SGD trajectory, epoch 2, first run): raw sharpness.
 TABLE1_SHARPNESS = {"sgd": 8.674583, "sgd, clip grad 0.1": 0.527104, "adam": 0.252707,
                     "adam, clip grad 0.5": 0.000574, "adafactor": 5.999e-5,
@@ -93,21 +222,4 @@ TABLE9 = {
          "adam, clip grad 0.1": 0.109241, "adafactor": 0.981839,
          "adafactor, clip grad 0.1": 0.283508, "lion": 0.069054, "sign sgd": 0.078127,
          "normalized sgd": 0.755517, "normalized sgd, clip grad 0.1": 0.317746},
-}
-
-# Claims the report gives a verdict on, in the paper's words.
-CLAIMS = {
-    "adaptive_sharper": "adaptive algorithms have much lower directional sharpness than SGD "
-                        "(Tables 1, 4-7)",
-    "clipping_helps": "coordinate-wise clipping almost always lowers directional sharpness "
-                      "(Section 4.1)",
-    "top_coordinates": "a small fraction of coordinates carries most of SGD's sharpness "
-                       "(Figure 1, Section 4)",
-    "resnet": "for ResNet, adaptive algorithms are NOT much less sharp than SGD (Table 9)",
-    "smoothness": "removing coordinates with row norm >= 4x mean removes ~1-2.5% of coordinates "
-                  "and makes the Gauss-Newton norm 2-3x smaller (Table 8)",
-    "convergence": "clipping speeds up convergence (Figure 6)",
-    "theory": "clipped SGD's directional sharpness is O(sqrt(eps) L + l), far below SGD's ~L "
-              "(Theorems 1-2)",
-    "rmed": "Adam's trajectory has smaller R_med than SGD's (seed 002)",
 }

@@ -20,13 +20,18 @@ class UsageError(Exception):
   """Bad command-line input: printed and turned into exit code 2, nothing overwritten."""
 
 
-def prepare(out: str, resume: bool) -> None:
-  """Creates the folder and its subfolders; refuses to touch a non-empty one without resume."""
+def check(out: str, resume: bool) -> None:
+  """Refuses a file, or a non-empty folder without resume (touching nothing)."""
   if os.path.exists(out) and not os.path.isdir(out):
     raise UsageError(f"--out {out!r} exists and is not a folder")
   if os.path.isdir(out) and os.listdir(out) and not resume:
     raise UsageError(f"--out {out!r} exists and is not empty; pass --resume to continue that "
                      "run, or choose another folder (nothing was overwritten)")
+
+
+def prepare(out: str, resume: bool) -> None:
+  """Creates the folder and its subfolders (after `check`)."""
+  check(out, resume)
   try:
     os.makedirs(out, exist_ok=True)
     probe = os.path.join(out, ".write-test")

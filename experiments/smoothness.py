@@ -11,11 +11,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import paper_values, training
+from experiments.claims import verdict
 from experiments.tables import mean_std, write_table
 from experiments.variants import Variant
 from optclip import curvature
 
 NAME = "smoothness"
+RULE = ("medians over epochs and seeds: reproduced if 1.5 <= L/ℓ <= 5 with ε <= 5%; partly "
+        "(same direction, different size) if L/ℓ >= 1.5; else not reproduced")
 
 
 def per_example_gauss_newton_factors(model):
@@ -104,7 +107,7 @@ def write(out: str, records):
     status = ("reproduced" if 1.5 <= ratio <= 5 and eps <= 0.05 else
               "partly reproduced (same direction, different size)" if ratio >= 1.5 else
               "not reproduced")
-    verdicts.append(f"{paper_values.CLAIMS['smoothness']}: **{status}**"
-                    f", median L/ℓ {ratio:.3g} with ε {eps:.2%} removed")
+    verdicts.append(verdict("smoothness", status, RULE,
+                            f"median L/ℓ {ratio:.3g} with ε {eps:.2%} removed"))
   return ("### Gauss-Newton smoothness of the binary classifier (Table 8)\n\nL and ℓ are "
           "λ_max of (1/|S|) Σᵢ gᵢgᵢᵀ on the fixed batch.\n\n" + table), verdicts

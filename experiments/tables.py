@@ -25,8 +25,10 @@ def write_table(out: str, name: str, header: Sequence[str], rows: Iterable[Seque
 
 
 def markdown_table(header, rows) -> str:
-  fmt = lambda v: format_number(v) if isinstance(v, (float, np.floating)) else str(v)
-  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  """A Markdown table; pipes inside cells (|g|, say) are escaped."""
+  cell = lambda v: str(v).replace("|", "\\|")
+  fmt = lambda v: format_number(v) if isinstance(v, (float, np.floating)) else cell(v)
+  lines = ["| " + " | ".join(cell(h) for h in header) + " |", "|" + "---|" * len(header)]
   lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
   return "\n".join(lines)
 

@@ -29,8 +29,11 @@ class TrainState(NamedTuple):
   opt_state: Any
 
 
-def train_step(loss_fn: Callable, tx) -> Callable:
+def train_step(loss_fn: Callable, tx, *, with_probes: bool = False) -> Callable:
   """Jitted ``(state, batch) -> (state, loss)``: one optax step of ``tx`` on ``loss_fn``.
+
+  With ``with_probes`` (``tx`` from `optclip.probes`), the step also returns every probe
+  optimizer's update of that step, stacked: ``(state, loss, probe_updates)``.
 
   The state is donated, so XLA updates parameters and moments in place rather than
   allocating fresh buffers every step (16% of a GPT-Neo-125M step on CPU); callers rebind it
@@ -39,8 +42,13 @@ def train_step(loss_fn: Callable, tx) -> Callable:
   @functools.partial(jax.jit, donate_argnums=0)
   def step(state: TrainState, batch):
     loss, grads = jax.value_and_grad(loss_fn)(state.params, batch)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    return TrainState(optax.apply_updates(state.params, updates), opt_state), loss
+    if with_probes:
+      updates, opt_state, probe_updates = tx.update_with_probes(grads, state.opt_state,
+                                                                state.params)
+    else:
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    new_state = TrainState(optax.apply_updates(state.params, updates), opt_state)
+    return (new_state, loss, probe_updates) if with_probes else (new_state, loss)
 
   return step
 
@@ -79,7 +87,8 @@ def run_epochs(step: Callable, state: TrainState, epoch_batches: Callable[[int],
                checkpointing: Checkpointing | None = None,
                on_epoch_start: Callable | None = None, on_epoch_end: Callable | None = None,
                description: str = "") -> TrainState:
-  """Trains ``epochs`` epochs of ``epoch_batches(epoch)`` with ``step``.
+  """Trains ``epochs`` epochs of ``epoch_batches(epoch)`` with ``step`` (any further
+  outputs of a step after ``(state, loss)`` are dropped).
 
   ``on_epoch_start(epoch, state)`` runs before epoch ``epoch`` (0-based);
   ``on_epoch_end(epoch, state, mean_loss)`` after it (``epoch`` counts the epochs done) and
@@ -87,17 +96,14 @@ def run_epochs(step: Callable, state: TrainState, epoch_batches: Callable[[int],
   """
   start = 0
   if checkpointing is not None:
-    saved = checkpoints.latest(checkpointing.out, checkpointing.unit)
-    if saved is not None:
-      state = checkpoints.restore(checkpointing.out, checkpointing.unit, saved, state)
-      start = saved
+    start, state = checkpoints.restore_latest(checkpointing.out, checkpointing.unit, state)
   bar = progress(total=(epochs - start) * steps_per_epoch, desc=description)
   for epoch in range(start, epochs):
     if on_epoch_start is not None:
       on_epoch_start(epoch, state)
     losses = []
     for batch in prefetch(map(place_batch, epoch_batches(epoch))):
-      state, loss = step(state, batch)
+      state, loss = step(state, batch)[:2]
       losses.append(loss)
       bar.update()
     mean_loss = float(np.mean(jax.device_get(losses)))

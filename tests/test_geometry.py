@@ -117,7 +117,9 @@ def test_robust_variant_shifts_exactly_the_negative_directions():
       want = d @ h_shift @ d / (d @ d)
     else:
       want = plain[i]
-    np.testing.assert_allclose(float(result.sharpness[i]), want, rtol=1e-5)
+    np.testing.assert_allclose(float(result.robust[i]), want, rtol=1e-5)
+  # The raw values are kept beside the shifted ones, negative ones included.
+  np.testing.assert_allclose(np.asarray(result.sharpness), plain, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", PROBLEM_NAMES)
@@ -170,6 +172,11 @@ def test_sharpness_attribution_on_a_diagonal_quadratic():
   np.testing.assert_allclose(float(out["sharpness_without"][0]),
                              np.sum(d * rest ** 2) / np.sum(rest ** 2), rtol=1e-6)
   np.testing.assert_allclose(float(out["share"][1]), 1.0, rtol=1e-6)
+  # Selected by another tree's magnitudes (the gradient, say): coordinate 1 instead of 0.
+  picked = geometry.sharpness_attribution(loss, jnp.zeros(4), u, fractions=(0.25,),
+                                          select_by=jnp.array([0.0, 9.0, 1.0, 1.0]))
+  np.testing.assert_allclose(float(picked["share"][0]), 1.0 / total, rtol=1e-6)
+  np.testing.assert_allclose(float(picked["norm_share"][0]), 1.0 / np.sum(ua ** 2), rtol=1e-6)
 
 
 def test_coordinate_histogram_counts():
