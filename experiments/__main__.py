@@ -4,10 +4,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import sys
 import time
+
+import numpy as np
 
 from experiments.run_folder import UsageError
 
@@ -46,6 +49,19 @@ def _parser():
                         "weights instead of refusing")
   report = sub.add_parser("report", help="rebuild report.md of a run folder from its metrics")
   report.add_argument("dir")
+  plan = sub.add_parser("plan", help="parameters, memory, FLOPs and time of a preset, without "
+                                     "running a step")
+  plan.add_argument("--preset", default="paper", help="smoke, quick or paper (default paper)")
+  plan.add_argument("--seeds", type=int, default=None, help="number of seeds (default the "
+                                                            "preset's)")
+  plan.add_argument("--mesh", default=None, help="plan per device for a mesh such as "
+                                                 "data=2,fsdp=4")
+  plan.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    dest="overrides", help="as for the experiments")
+  plan.add_argument("--peak-tflops", type=float, default=989.0,
+                    help="the device's peak (default 989, an H100's dense bf16)")
+  plan.add_argument("--utilization", type=float, default=0.3,
+                    help="the fraction of the peak assumed reached (default 0.3)")
   return parser
 
 
@@ -57,6 +73,8 @@ def main(argv=None, *, after_checkpoint=None) -> int:
   """
   args = _parser().parse_args(argv)
   try:
+    if args.command == "plan":
+      return _plan(args, argv)
     if args.command == "report":
       from experiments import report
       report.build(args.dir)
@@ -66,6 +84,45 @@ def main(argv=None, *, after_checkpoint=None) -> int:
   except UsageError as error:
     print(f"error: {error}", file=sys.stderr)
     return 2
+
+
+def _plan(args, argv) -> int:
+  """The planner; a --mesh of more CPU devices than there are re-runs it with XLA's host
+  device count raised (before JAX starts), so its programs compile for the real mesh."""
+  from experiments import overrides, presets
+  if args.preset not in presets.PRESETS:
+    raise UsageError(f"--preset {args.preset!r} is unknown; choose one of "
+                     f"{sorted(presets.PRESETS)}")
+  preset, applied = overrides.apply(presets.PRESETS[args.preset], args.overrides)
+  mesh = None
+  if args.mesh:
+    from optclip import sharding
+    try:
+      needed = int(np.prod(list(sharding.parse_mesh_spec(args.mesh).values())))
+    except ValueError as error:
+      raise UsageError(f"--mesh: {error}") from error
+    import jax
+    if len(jax.devices()) < needed and jax.default_backend() == "cpu":
+      flag = f"--xla_force_host_platform_device_count={needed}"
+      if flag not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
+        os.execv(sys.executable, [sys.executable, "-m", "experiments",
+                                  *(sys.argv[1:] if argv is None else argv)])
+    try:
+      mesh = sharding.mesh_from_spec(args.mesh)
+    except ValueError as error:
+      raise UsageError(f"--mesh: {error}") from error
+  from experiments import plan
+  seeds = args.seeds or len(preset.seeds)
+  print(f"# plan: preset {preset.name}" + (f", overrides {applied}" if applied else "")
+        + f", {seeds} seed(s), mesh {args.mesh or 'none (one device)'}\n")
+  import jax
+  context = jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
+  with context:
+    rows = plan.plan(preset, seeds, mesh)
+  print(plan.table(rows, args.peak_tflops, args.utilization, 1 if mesh is None else mesh.size))
+  print("\n" + plan.__doc__.split("\n\n")[-1].strip())
+  return 0
 
 
 def default_cache_dir() -> str:

@@ -112,7 +112,10 @@ PAPER = Preset(
     images=TaskPreset("resnet-152", train_size=50000, batch_size=1000, test_size=1024,
                       max_length=32, source="paper"),
     epochs=20, probe_epochs=(2, 5, 10, 20), trajectory_learning_rates={"sgd": 2e-4, "adam": 2e-4},
-    landscape_steps=(0.0,) + _steps(1e-4, 10.0, 31), curvature_samples=256, curvature_at="every",
+    # Every exact H_ii is a second-order forward pass over the probe batch (2.7 train steps'
+    # FLOPs): 8 per leaf at the last probe point is already ~1000 of them per trajectory
+    # (see `python -m experiments plan`).
+    landscape_steps=(0.0,) + _steps(1e-4, 10.0, 31), curvature_samples=8, curvature_at="last",
     lanczos_iterations=40,
     convergence_epochs=20, convergence_lr_multipliers=(1.0,), smoothness_epochs=10,
     smoothness_learning_rate=1e-4, resnet_epochs=10, resnet_probe_epochs=(2, 5, 10),

@@ -142,15 +142,16 @@ def make_programs(loss_fn, names, steps, lanczos_iterations) -> _Programs:
   @jax.jit
   def second_derivatives(params, stacked, shifts, test_batch):
     """uᵀ∇²f(x + s·δ·u/‖u‖)u for each of ``width`` (direction u, shift s ∈ {0, 1}): s = 1
-    is Appendix B's Eq. (4). Exact (jvp of jvp), one direction at a time: on CPU that is
-    faster than vmapping them, and it keeps one direction's tangents in memory."""
+    is Appendix B's Eq. (4). Exact (Taylor mode, as `optclip.directional_sharpness`), one
+    direction at a time: on CPU that is faster than vmapping them, and it keeps one
+    direction's tangents in memory."""
     test_loss = lambda p: loss_fn(p, test_batch)
 
     def one(args):
       u, shift = args
       scale = shift * ROBUST_DELTA / jnp.maximum(geometry.tree_norm(u), 1e-30)
       point = jax.tree.map(lambda x, d: (x + scale * d).astype(x.dtype), params, u)
-      return jax.jvp(lambda x: jax.jvp(test_loss, (x,), (u,))[1], (point,), (u,))[1]
+      return geometry.second_derivative(test_loss, point, u, "auto")
 
     return jax.lax.map(one, (stacked, shifts))
 

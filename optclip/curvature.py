@@ -1,6 +1,12 @@
-"""Curvature statistics: Gauss-Newton smoothness with coordinate removal (Pan & Li 2023,
-Appendix D), the top Hessian eigenvalue, the Hessian diagonal and R_med (Jiang, Malik & Li
-2023). All matrix-free: Hessian-vector products and per-example gradients only.
+"""Curvature of a loss: eigenpairs, trace and spectral density of the Hessian and of the
+Gauss-Newton matrix (on `matfree`, see `optclip.spectrum`), Gauss-Newton smoothness with
+coordinate removal (Pan & Li 2023, Appendix D), the Hessian diagonal (exact entries or
+Hutchinson with its standard error) and R_med (Jiang, Malik & Li 2023). All matrix-free:
+Hessian- and Gauss-Newton-vector products and per-example gradients only.
+
+    values, vectors = curvature.hessian_eigenpairs(loss_fn, params, k=5)
+    estimate = curvature.hessian_trace(loss_fn, params)           # Hutch++, with its error
+    nodes, weights = curvature.hessian_spectral_density(loss_fn, params)
 """
 
 from __future__ import annotations
@@ -13,14 +19,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from optclip import spectrum
 from optclip.clipping import clip_threshold
 from optclip.geometry import map_directions, tree_dot
+from optclip.spectrum import TraceEstimate
 
 __all__ = [
+    "DiagonalEstimate",
     "GaussNewtonSmoothness",
+    "TraceEstimate",
+    "gauss_newton_eigenpairs",
+    "gauss_newton_spectral_density",
     "gauss_newton_spectral_norm",
+    "gauss_newton_trace",
+    "gauss_newton_vector_product",
     "hessian_diagonal",
     "hessian_diagonal_entries",
+    "hessian_diagonal_hutchinson",
+    "hessian_eigenpairs",
+    "hessian_spectral_density",
+    "hessian_trace",
     "hessian_vector_product",
     "r_med",
     "top_hessian_eigenvalue",
@@ -30,6 +48,80 @@ __all__ = [
 def hessian_vector_product(loss_fn: Callable, params, vector):
   """∇²f(x)·v by forward-over-reverse AD."""
   return jax.jvp(jax.grad(loss_fn), (params,), (vector,))[1]
+
+
+def gauss_newton_vector_product(outputs_fn: Callable, output_loss: Callable, params, vector):
+  """G·v = Jᵀ ∇²ℓ(z) J v for f(x) = ℓ(outputs_fn(x)), z = outputs_fn(x), J its Jacobian.
+
+  The generalised Gauss-Newton matrix drops the outputs' own curvature (positive
+  semi-definite when ℓ is convex in z, as cross-entropy in the logits).
+  """
+  outputs, jacobian_v = jax.jvp(outputs_fn, (params,), (vector,))
+  curvature_jv = jax.jvp(jax.grad(output_loss), (outputs,), (jacobian_v,))[1]
+  return jax.vjp(outputs_fn, params)[1](curvature_jv)[0]
+
+
+def hessian_eigenpairs(loss_fn: Callable, params, k: int, *, key=None,
+                       num_matvecs: int | None = None):
+  """The ``k`` largest eigenvalues of ∇²f(x), descending, and unit eigenvectors.
+
+  Lanczos (matfree) on Hessian-vector products; see `optclip.spectrum.eigenpairs`.
+
+  Returns:
+    ``(eigenvalues (k,), eigenvectors)``: a pytree like ``params`` with a leading axis k.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from optclip import curvature
+    >>> loss = lambda x: jnp.sum(jnp.array([3., 1., 2.]) * x ** 2)
+    >>> values, vectors = curvature.hessian_eigenpairs(loss, jnp.ones(3), 2, num_matvecs=3)
+    >>> [round(float(v), 3) for v in values]
+    [6.0, 4.0]
+  """
+  return spectrum.eigenpairs(lambda v: hessian_vector_product(loss_fn, params, v), params,
+                             k, key=key, num_matvecs=num_matvecs)
+
+
+def hessian_trace(loss_fn: Callable, params, *, key=None, num_matvecs: int = 60,
+                  method: str = "hutch++") -> TraceEstimate:
+  """tr ∇²f(x) by Hutch++ (or "xtrace", "hutchinson"), with its standard error; see
+  `optclip.spectrum.trace`."""
+  return spectrum.trace(lambda v: hessian_vector_product(loss_fn, params, v), params,
+                        key=key, num_matvecs=num_matvecs, method=method)
+
+
+def hessian_spectral_density(loss_fn: Callable, params, *, key=None, num_matvecs: int = 30,
+                             num_samples: int = 8):
+  """(nodes, weights) of ∇²f(x)'s eigenvalue density by stochastic Lanczos quadrature
+  (weights sum to 1); see `optclip.spectrum.spectral_density`."""
+  return spectrum.spectral_density(lambda v: hessian_vector_product(loss_fn, params, v),
+                                   params, key=key, num_matvecs=num_matvecs,
+                                   num_samples=num_samples)
+
+
+def gauss_newton_eigenpairs(outputs_fn: Callable, output_loss: Callable, params, k: int, *,
+                            key=None, num_matvecs: int | None = None):
+  """The ``k`` largest eigenpairs of the Gauss-Newton matrix (see
+  `gauss_newton_vector_product`); as `hessian_eigenpairs`."""
+  return spectrum.eigenpairs(
+      lambda v: gauss_newton_vector_product(outputs_fn, output_loss, params, v), params, k,
+      key=key, num_matvecs=num_matvecs)
+
+
+def gauss_newton_trace(outputs_fn: Callable, output_loss: Callable, params, *, key=None,
+                       num_matvecs: int = 60, method: str = "hutch++") -> TraceEstimate:
+  """tr G of the Gauss-Newton matrix; as `hessian_trace`."""
+  return spectrum.trace(
+      lambda v: gauss_newton_vector_product(outputs_fn, output_loss, params, v), params,
+      key=key, num_matvecs=num_matvecs, method=method)
+
+
+def gauss_newton_spectral_density(outputs_fn: Callable, output_loss: Callable, params, *,
+                                  key=None, num_matvecs: int = 30, num_samples: int = 8):
+  """(nodes, weights) of the Gauss-Newton matrix's density; as `hessian_spectral_density`."""
+  return spectrum.spectral_density(
+      lambda v: gauss_newton_vector_product(outputs_fn, output_loss, params, v), params,
+      key=key, num_matvecs=num_matvecs, num_samples=num_samples)
 
 
 class GaussNewtonSmoothness(NamedTuple):
@@ -128,29 +220,49 @@ def top_hessian_eigenvalue(loss_fn: Callable, params, *, iters: int = 30,
   return jnp.linalg.eigvalsh(tridiagonal)[-1]
 
 
+class DiagonalEstimate(NamedTuple):
+  """Hutchinson's estimate of diag ∇²f(x) and its standard error, pytrees like params."""
+  mean: object
+  stderr: object
+
+
+def hessian_diagonal_hutchinson(loss_fn: Callable, params, *, key=None, samples: int = 100,
+                                batch_size: int = 64) -> DiagonalEstimate:
+  """diag ∇²f(x) ≈ mean over Rademacher z of z ⊙ Hz, with the standard error of that mean
+  (the sample standard deviation / √samples), leaf by leaf (sharding-safe).
+
+  Unbiased; the error of coordinate i is ≈ sqrt(Σ_{j≠i} H_ij² / samples), so entries much
+  smaller than their row's off-diagonal mass need many samples.
+  """
+  leaves, treedef = jax.tree.flatten(params)
+  key = jax.random.key(0) if key is None else key
+
+  def one(k):
+    ks = jax.random.split(k, len(leaves))
+    z = jax.tree.unflatten(treedef, [jax.random.rademacher(kk, jnp.shape(l), jnp.result_type(l))
+                                     for kk, l in zip(ks, leaves)])
+    return jax.tree.map(jnp.multiply, z, hessian_vector_product(loss_fn, params, z))
+
+  estimates = map_directions(one, jax.random.split(key, samples), batch_size=batch_size)
+  return DiagonalEstimate(
+      jax.tree.map(lambda e: jnp.mean(e, axis=0), estimates),
+      jax.tree.map(lambda e: jnp.std(e, axis=0, ddof=1) / jnp.sqrt(samples), estimates))
+
+
 def hessian_diagonal(loss_fn: Callable, params, *, method: str = "exact",
                      key: jax.Array | None = None, samples: int = 100,
                      batch_size: int = 64):
   """The diagonal of ∇²f(x) as a pytree shaped like params.
 
   ``method="exact"``: one Hessian-vector product per coordinate (with unit vectors, vmapped
-  ``batch_size`` at a time) — exact, O(d) HVPs, for small models. ``method="hutchinson"``:
-  E[z ⊙ Hz] over ``samples`` Rademacher vectors z; unbiased, with standard error
-  ≈ sqrt(Σ_{j≠i} H_ij² / samples) per coordinate.
+  ``batch_size`` at a time) — exact, O(d) HVPs, for small models (`hessian_diagonal_entries`
+  gives exact entries at chosen coordinates of any model). ``method="hutchinson"``: the mean
+  of `hessian_diagonal_hutchinson` (which also gives its standard error).
   """
   leaves, treedef = jax.tree.flatten(params)
   if method == "hutchinson":
-    key = jax.random.key(0) if key is None else key
-
-    def one(k):
-      ks = jax.random.split(k, len(leaves))
-      z = jax.tree.unflatten(treedef, [
-          jax.random.rademacher(kk, jnp.shape(l), jnp.result_type(l))
-          for kk, l in zip(ks, leaves)])
-      return jax.tree.map(jnp.multiply, z, hessian_vector_product(loss_fn, params, z))
-
-    estimates = map_directions(one, jax.random.split(key, samples), batch_size=batch_size)
-    return jax.tree.map(lambda e: jnp.mean(e, axis=0), estimates)
+    return hessian_diagonal_hutchinson(loss_fn, params, key=key, samples=samples,
+                                       batch_size=batch_size).mean
   if method != "exact":
     raise ValueError(f"method must be 'exact' or 'hutchinson', got {method!r}")
   diagonals = []

@@ -29,6 +29,7 @@ __all__ = [
     "landscape",
     "attribution_terms",
     "map_directions",
+    "second_derivative",
     "sharpness_attribution",
     "taylor_decomposition",
 ]
@@ -89,8 +90,15 @@ def map_directions(fn, xs, *, batch_size: int | None = None):
     return jax.lax.map(fn, xs)
 
 
-def _second_derivative(loss_fn: LossFn, params, direction, method: str) -> jax.Array:
-  """uᵀ∇²f(x)u, exactly, by forward-mode AD (or forward-over-reverse for method='hvp')."""
+def second_derivative(loss_fn: LossFn, params, direction, method: str) -> jax.Array:
+  """uᵀ∇²f(x)u, exactly: by Taylor mode ("jet"), forward mode ("forward", a jvp of a jvp) or
+  forward-over-reverse ("hvp"); "auto" is jet, or forward where jet has no rule for an
+  operation of ``loss_fn`` (custom_jvp functions such as jax.nn.relu, reduce_window_max)."""
+  if method == "auto":
+    try:
+      return second_derivative(loss_fn, params, direction, "jet")
+    except (jax.errors.UnexpectedTracerError, KeyError, NotImplementedError):
+      return second_derivative(loss_fn, params, direction, "forward")
   if method == "forward":
     first = lambda x: jax.jvp(loss_fn, (x,), (direction,))[1]
     return jax.jvp(first, (params,), (direction,))[1]
@@ -104,7 +112,7 @@ def _second_derivative(loss_fn: LossFn, params, direction, method: str) -> jax.A
     _, (_, second) = jet.jet(lambda *xs: loss_fn(jax.tree.unflatten(treedef, xs)),
                              tuple(leaves), tuple(series))
     return second
-  raise ValueError(f"method must be 'forward', 'hvp' or 'jet', got {method!r}")
+  raise ValueError(f"method must be 'auto', 'jet', 'forward' or 'hvp', got {method!r}")
 
 
 class RobustSharpness(NamedTuple):
@@ -119,13 +127,18 @@ class RobustSharpness(NamedTuple):
 
 
 def directional_sharpness(loss_fn: LossFn, params, directions, *,
-                          robust_delta: float | None = None, method: str = "forward"):
+                          robust_delta: float | None = None, method: str = "auto",
+                          batch_size: int | None | str = "auto"):
   """Directional sharpness uᵀ∇²f(x)u / ‖u‖² of one or K update directions (Section 3.1).
 
-  Computed exactly with forward-mode AD (``method="forward"``: the second derivative of
-  t ↦ f(x + tu), a jvp of a jvp), never by finite differences. With K directions (every leaf
-  carrying a leading axis of size K) all are evaluated in one vmapped call that shares the
-  primal computation.
+  Computed exactly, never by finite differences: the second derivative of t ↦ f(x + tu) by
+  Taylor-mode AD (``method="auto"``: `jax.experimental.jet`, falling back to a jvp of a jvp
+  where jet has no rule; the fastest in benchmarks/geometry.py on every model there). K
+  directions (every leaf
+  carrying a leading axis of size K) are evaluated in one call, ``batch_size`` at a time
+  (None: all vmapped together, sharing the primal computation; "auto": one at a time on
+  CPU, where that measured faster than vmapping (benchmarks/geometry.py), all together on
+  accelerators).
 
   With ``robust_delta=δ``, a direction whose sharpness is negative is also evaluated at
   x + δ·u/‖u‖ (Appendix B, Eq. 4; the paper uses δ = 0.01); the raw value is kept beside it.
@@ -135,7 +148,9 @@ def directional_sharpness(loss_fn: LossFn, params, directions, *,
     params: the point x.
     directions: a pytree shaped like params, or with a leading axis of size K on every leaf.
     robust_delta: δ for the robust variant, or None.
-    method: "forward" (jvp of jvp), "hvp" (jvp of grad) or "jet" (second-order Taylor mode).
+    method: "auto" (jet, else forward), "jet" (second-order Taylor mode), "forward" (jvp of
+      jvp) or "hvp" (jvp of grad).
+    batch_size: directions evaluated together (see above).
 
   Returns:
     A scalar, or shape (K,); with ``robust_delta`` a `RobustSharpness` of those.
@@ -150,23 +165,26 @@ def directional_sharpness(loss_fn: LossFn, params, directions, *,
     Pan & Li 2023, arXiv 2306.00204, Section 3.1 and Appendix B.
   """
   batched = _is_batched(params, directions)
+  if batch_size == "auto":
+    batch_size = 1 if jax.default_backend() == "cpu" else None
 
   def one(direction):
-    value = _second_derivative(loss_fn, params, direction, method)
+    value = second_derivative(loss_fn, params, direction, method)
     return value / tree_dot(direction, direction)
 
   def shifted_one(direction):
     unit = jax.tree.map(lambda d: d / tree_norm(direction), direction)
     point = _axpy(robust_delta, unit, params)
-    value = _second_derivative(loss_fn, point, direction, method)
+    value = second_derivative(loss_fn, point, direction, method)
     return value / tree_dot(direction, direction)
 
-  evaluate = functools.partial(map_directions, one) if batched else one
+  over = lambda fn: functools.partial(map_directions, fn, batch_size=batch_size)
+  evaluate = over(one) if batched else one
   sharpness = evaluate(directions)
   if robust_delta is None:
     return sharpness
   negative = sharpness < 0
-  evaluate_shifted = functools.partial(map_directions, shifted_one) if batched else shifted_one
+  evaluate_shifted = over(shifted_one) if batched else shifted_one
   shifted_values = jax.lax.cond(jnp.any(negative), evaluate_shifted,
                                 lambda d: sharpness, directions)
   return RobustSharpness(sharpness, jnp.where(negative, shifted_values, sharpness), negative)

@@ -137,3 +137,93 @@ def test_with_pseudo_updates_trains_like_its_training_optimizer():
     # The "sgd" probe is the training optimizer itself: its state is the trajectory's.
     chex.assert_trees_all_close(state.probes["sgd"], state.train, rtol=0, atol=0)
   chex.assert_trees_all_close(state.train, alone, rtol=0, atol=0)
+
+
+# --- the curvature suite on matfree, against dense jnp.linalg.eigh(jax.hessian(...)) -----
+
+def _dense_spectrum(name):
+  loss, params, _ = PROBLEMS[name]()
+  hessian, _, unravel = dense_hessian(loss, params)
+  values, vectors = np.linalg.eigh(hessian)
+  return loss, params, hessian, values[::-1], vectors[:, ::-1], unravel
+
+
+@pytest.mark.parametrize("name", ["quadratic", "mlp"])
+def test_hessian_eigenpairs_match_dense(name):
+  loss, params, hessian, values, vectors, _ = _dense_spectrum(name)
+  n, k = hessian.shape[0], 3
+  got, eigenvectors = jax.jit(lambda p: curvature.hessian_eigenpairs(
+      loss, p, k, num_matvecs=n, key=jax.random.key(2)))(params)
+  assert got.shape == (k,)
+  np.testing.assert_allclose(np.asarray(got), values[:k], rtol=1e-3, atol=1e-4)
+  for i in range(k):
+    v = np.asarray(ravel_pytree(jax.tree.map(lambda x: x[i], eigenvectors))[0], np.float64)
+    np.testing.assert_allclose(np.linalg.norm(v), 1.0, rtol=1e-4)
+    if values[i] - values[i + 1] > 1e-2 * abs(values[0]):  # a separated eigenvalue
+      assert abs(v @ vectors[:, i]) > 0.999
+
+
+@pytest.mark.parametrize("method", ["hutch++", "xtrace", "hutchinson"])
+def test_hessian_trace_within_its_error(method):
+  loss, params, hessian, values, _, _ = _dense_spectrum("mlp")
+  want = float(np.trace(hessian))
+  result = jax.jit(lambda p: curvature.hessian_trace(loss, p, num_matvecs=24, method=method,
+                                                     key=jax.random.key(4)))(params)
+  assert float(result.stderr) > 0
+  assert abs(float(result.trace) - want) <= 4 * float(result.stderr) + 1e-6
+  # With as many products as the dimension, it is exact.
+  exact = curvature.hessian_trace(loss, params, num_matvecs=hessian.shape[0])
+  np.testing.assert_allclose(float(exact.trace), want, rtol=1e-4)
+
+
+def test_spectral_density_moments_match_dense():
+  """Σ w θ^m ≈ tr(H^m)/n for m = 0, 1, 2 (stochastic Lanczos quadrature is exact for
+  polynomials of degree < 2·steps in each probe vector; the rest is Monte Carlo error)."""
+  loss, params, hessian, values, _, _ = _dense_spectrum("mlp")
+  n = hessian.shape[0]
+  nodes, weights = jax.jit(lambda p: curvature.hessian_spectral_density(
+      loss, p, num_matvecs=20, num_samples=200, key=jax.random.key(5)))(params)
+  nodes, weights = np.asarray(nodes, np.float64), np.asarray(weights, np.float64)
+  np.testing.assert_allclose(weights.sum(), 1.0, rtol=1e-5)
+  scale = np.abs(values).max()
+  for m in (1, 2):
+    want = np.sum(values ** m) / n
+    assert abs(np.sum(weights * nodes ** m) - want) < 0.1 * scale ** m, m
+
+
+def test_gauss_newton_suite_matches_dense():
+  """G = Jᵀ ∇²ℓ J for a softmax cross-entropy MLP, materialised densely."""
+  rng = np.random.default_rng(7)
+  x = jnp.asarray(rng.standard_normal((12, 4)), jnp.float32)
+  y = jnp.asarray(rng.integers(0, 3, 12))
+  params = {"w": jnp.asarray(rng.standard_normal((4, 5)) * 0.5, jnp.float32),
+            "v": jnp.asarray(rng.standard_normal((5, 3)) * 0.5, jnp.float32)}
+  outputs = lambda p: jnp.tanh(x @ p["w"]) @ p["v"]
+  output_loss = lambda z: -jnp.mean(jax.nn.log_softmax(z)[jnp.arange(12), y])
+  flat, unravel = ravel_pytree(params)
+  jac = jax.jacobian(lambda f: outputs(unravel(f)).ravel())(flat)
+  h_out = jax.hessian(lambda z: output_loss(z.reshape(12, 3)))(outputs(params).ravel())
+  dense = np.asarray(jac.T @ h_out @ jac, np.float64)
+  values = np.linalg.eigvalsh(dense)[::-1]
+  got, _ = curvature.gauss_newton_eigenpairs(outputs, output_loss, params, 2,
+                                             num_matvecs=dense.shape[0])
+  np.testing.assert_allclose(np.asarray(got), values[:2], rtol=1e-3, atol=1e-5)
+  exact = curvature.gauss_newton_trace(outputs, output_loss, params, num_matvecs=dense.shape[0])
+  np.testing.assert_allclose(float(exact.trace), np.trace(dense), rtol=1e-4)
+  nodes, weights = curvature.gauss_newton_spectral_density(outputs, output_loss, params,
+                                                           num_matvecs=8, num_samples=4)
+  assert np.all(np.asarray(nodes) > -1e-4)  # G is positive semi-definite
+  np.testing.assert_allclose(float(jnp.sum(weights)), 1.0, rtol=1e-5)
+
+
+def test_hutchinson_diagonal_reports_its_standard_error():
+  loss, params, _ = PROBLEMS["mlp"]()
+  hessian, _, _ = dense_hessian(loss, params)
+  estimate = curvature.hessian_diagonal_hutchinson(loss, params, samples=400,
+                                                   key=jax.random.key(3))
+  mean = np.asarray(ravel_pytree(estimate.mean)[0], np.float64)
+  stderr = np.asarray(ravel_pytree(estimate.stderr)[0], np.float64)
+  off = hessian - np.diag(np.diag(hessian))
+  np.testing.assert_allclose(stderr, np.sqrt(np.sum(off ** 2, axis=1) / 400), rtol=0.3,
+                             atol=1e-7)
+  assert np.mean(np.abs(mean - np.diag(hessian)) <= 3 * stderr + 1e-7) > 0.95

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 
-import jax
 
 from optclip.models import bert, gpt_neo, resnet, t5
 from optclip.models.convert import (FAMILIES, CheckpointError, config_from_hf, config_to_hf,

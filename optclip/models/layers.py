@@ -23,8 +23,14 @@ def gelu_exact(x):
   return jax.nn.gelu(x, approximate=False)
 
 
+def relu(x):
+  """max(x, 0) with derivative 0 at 0, as jax.nn.relu, but without its custom_jvp rule:
+  `jax.experimental.jet` (Taylor-mode sharpness) leaks tracers through custom_jvp calls."""
+  return jnp.where(x > 0, x, jnp.zeros_like(x))
+
+
 ACTIVATIONS = {
-    "relu": jax.nn.relu,
+    "relu": relu,
     "gelu": gelu_exact,
     "gelu_new": gelu_new,
     "gelu_pytorch_tanh": gelu_new,

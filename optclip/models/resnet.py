@@ -13,6 +13,7 @@ and ``eval_logits`` uses them.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -96,6 +97,17 @@ class Residual(nn.Module):
     return activation(cfg.hidden_act)(h + shortcut)
 
 
+def max_pool_3x3_stride_2(x):
+  """``nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))`` (the embedder's pooling)
+  as an elementwise max over the 9 strided views of the padded input: the same values, and
+  `jax.experimental.jet` has a rule for ``max`` but none for ``reduce_window_max``."""
+  padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+  height, width = (x.shape[1] - 1) // 2 + 1, (x.shape[2] - 1) // 2 + 1
+  views = [padded[:, i:i + 2 * height - 1:2, j:j + 2 * width - 1:2, :]
+           for i in range(3) for j in range(3)]
+  return functools.reduce(jnp.maximum, views)
+
+
 class ResNet(nn.Module):
   """ResNetForImageClassification on NHWC images; returns logits (batch, num_labels)."""
   config: ResNetConfig
@@ -104,7 +116,7 @@ class ResNet(nn.Module):
   def __call__(self, pixels, train: bool = False):
     cfg = self.config
     x = ConvNorm(cfg.embedding_size, 7, 2, cfg.hidden_act, name="embedder")(pixels, train)
-    x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+    x = max_pool_3x3_stride_2(x)
     in_features = cfg.embedding_size
     for s, (features, depth) in enumerate(zip(cfg.hidden_sizes, cfg.depths)):
       stride = 2 if (s > 0 or cfg.downsample_in_first_stage) else 1

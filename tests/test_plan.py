@@ -1,0 +1,39 @@
+"""The planner (issue: paper scale) against a hand count, and the CLI's plan table."""
+
+import jax
+import jax.numpy as jnp
+
+import optclip.models as models
+from experiments import plan
+from experiments.__main__ import main
+
+
+def test_forward_flops_match_a_hand_count_for_gpt_neo():
+  """XLA's cost analysis of one GPT-Neo forward against the matrix products counted by
+  hand (2 FLOPs per multiply-add); elementwise work (GELU, layer norm, softmax) adds a few
+  percent, so they must agree to 10%.
+
+  GPT-Neo with hidden size d, L layers, T = batch × length tokens, vocabulary V, block
+  length n: per layer q, k, v and out projections 4 · 2Td², the MLP 2 · 2T·d·4d, and the
+  attention scores and their weighted sum 2 · 2·T·n·d (every position against the whole
+  block, masked afterwards, global and local layers alike); then the tied LM head 2TdV.
+  """
+  d, layers, heads, vocab, batch_size, length = 64, 2, 4, 512, 8, 64
+  model = models.create("gpt-neo-tiny", hidden_size=d, num_layers=layers, num_heads=heads,
+                        vocab_size=vocab, max_position_embeddings=length, window_size=length,
+                        attention_types=((("global", "local"), 1),))
+  params = models.init_params(model, jax.random.PRNGKey(0))
+  ints = lambda: jnp.zeros((batch_size, length), jnp.int32)
+  batch = {"input_ids": ints(), "attention_mask": ints() + 1, "labels": ints()}
+  tokens = batch_size * length
+  per_layer = 4 * 2 * tokens * d * d + 2 * 2 * tokens * d * 4 * d + 2 * 2 * tokens * length * d
+  hand = layers * per_layer + 2 * tokens * d * vocab
+  counted = plan._flops(jax.jit(models.make_loss_fn(model)), params, batch)
+  assert abs(counted - hand) / hand < 0.10, (counted, hand)
+
+
+def test_plan_prints_a_table_for_a_preset(capsys):
+  assert main(["plan", "--preset", "smoke", "--set", "lanczos_iterations=4"]) == 0
+  out = capsys.readouterr().out
+  assert "| sharpness" in out and "| resnet (Table 9) | images |" in out and "Total:" in out
+  assert main(["plan", "--preset", "smoke", "--set", "nope=1"]) == 2
