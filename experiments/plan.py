@@ -129,9 +129,12 @@ def plan_trajectories(name, preset, mesh, spec_of, kind, epochs, probe_points) -
   programs = trajectory.make_programs(loss, [v.label for v in trajectory.PROBES[kind]],
                                       tuple(preset.landscape_steps), preset.lanczos_iterations)
   width = programs.width
-  stacked = jax.tree.map(lambda x: jax.ShapeDtypeStruct((width,) + x.shape, x.dtype,
-                                                        sharding=getattr(x, "sharding", None)),
-                         a_params)
+  stacked = jax.tree.map(lambda x: jax.ShapeDtypeStruct((width,) + x.shape, x.dtype),
+                         params)
+  if mesh is not None:  # the directions' leading axis is not split
+    stacked = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=(
+        jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
+            None, *spec_of(x.shape[1:]))))), stacked)
   shifts = jax.ShapeDtypeStruct((width,), jnp.float32)
   second_temp, _ = analyse(programs.second_derivatives, a_params, stacked, shifts, a_batch)
   landscape_temp, _ = analyse(programs.landscape, a_params, stacked, a_batch)

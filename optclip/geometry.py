@@ -93,11 +93,17 @@ def map_directions(fn, xs, *, batch_size: int | None = None):
 def second_derivative(loss_fn: LossFn, params, direction, method: str) -> jax.Array:
   """uᵀ∇²f(x)u, exactly: by Taylor mode ("jet"), forward mode ("forward", a jvp of a jvp) or
   forward-over-reverse ("hvp"); "auto" is jet, or forward where jet has no rule for an
-  operation of ``loss_fn`` (custom_jvp functions such as jax.nn.relu, reduce_window_max)."""
+  operation of ``loss_fn`` (custom_jvp functions such as jax.nn.relu, reduce_window_max) or
+  fails under an explicit-sharding mesh."""
   if method == "auto":
     try:
       return second_derivative(loss_fn, params, direction, "jet")
     except (jax.errors.UnexpectedTracerError, KeyError, NotImplementedError):
+      return second_derivative(loss_fn, params, direction, "forward")
+    except Exception as error:  # noqa: BLE001 - JAX's ShardingTypeError is not public
+      # jet's zero series terms carry no sharding, which explicit-sharding meshes refuse.
+      if type(error).__name__ != "ShardingTypeError":
+        raise
       return second_derivative(loss_fn, params, direction, "forward")
   if method == "forward":
     first = lambda x: jax.jvp(loss_fn, (x,), (direction,))[1]
