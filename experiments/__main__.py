@@ -201,8 +201,7 @@ def _run(args, after_checkpoint) -> int:
   ctx = Context(preset, seeds, out, None, args.data_dir, args.cache_dir or
                 default_cache_dir(), mesh, checkpoints, after_checkpoint)
   built = [ctx.task(name, seeds[0]) for name in needed]  # data, sizes, checkpoints, models
-  preflight.check_disk(out, preflight.checkpoint_bytes(
-      [t for t in built if t.name in ("translation", "code")], units_per_task=len(seeds) * 2))
+  preflight.check_disk(out, preflight.checkpoint_bytes(built))
   run_folder.prepare(out, args.resume)
   ctx.metrics = Metrics(out)
   run_folder.write_config(out, {"command": args.command, "preset": preset.name,

@@ -3,6 +3,8 @@
 Each unit keeps its two newest steps, so that a damaged newest one (a preemption while the
 disk was writing, say) falls back to the one before; unreadable steps are set aside as
 ``<step>.unreadable`` (never deleted), and orbax's leftover temporary folders are cleared.
+A finished unit's steps are discarded once its last record is in metrics.jsonl, so the disk
+holds at most one unit's steps at a time.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import shutil
 import sys
 
 KEEP = 2  # steps kept per unit
+SET_ASIDE = "set-aside"  # see `set_aside`
 
 
 def checkpoint_dir(out: str, unit: str) -> str:
@@ -37,6 +40,43 @@ def save(out: str, unit: str, step: int, state) -> None:
       checkpointer.save(path, state)
   for old in _steps(directory)[:-KEEP]:
     shutil.rmtree(os.path.join(directory, str(old)), ignore_errors=True)
+
+
+def discard(out: str, unit: str) -> None:
+  """Removes a finished unit's steps (its results are in metrics.jsonl, and at the paper's
+  sizes each step is tens of GiB); steps set aside as unreadable stay."""
+  directory = checkpoint_dir(out, unit)
+  for step in _steps(directory):
+    shutil.rmtree(os.path.join(directory, str(step)), ignore_errors=True)
+  with contextlib.suppress(OSError):
+    os.rmdir(directory)  # only if nothing is left in it
+
+
+def set_aside(out: str, unit: str, tree):
+  """Writes ``tree`` to checkpoints/<unit>/set-aside and frees its buffers; returns a
+  function that reads it back (same shapes and shardings) and removes the folder.
+
+  For memory the tree is not needed in for a while (a probe point reads only the
+  parameters, not the optimizer states). A leftover folder (a kill in between) is removed
+  by `restore_latest`.
+  """
+  import jax
+  import orbax.checkpoint as ocp
+  like = jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+  path = os.path.join(checkpoint_dir(out, unit), SET_ASIDE)
+  shutil.rmtree(path, ignore_errors=True)
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(path, tree)
+  for leaf in jax.tree.leaves(tree):
+    leaf.delete()
+
+  def bring_back():
+    with ocp.StandardCheckpointer() as checkpointer:
+      restored = checkpointer.restore(path, like)
+    shutil.rmtree(path, ignore_errors=True)
+    return restored
+
+  return bring_back
 
 
 def _steps(directory: str) -> list:
@@ -63,7 +103,7 @@ def restore_latest(out: str, unit: str, like):
   if not os.path.isdir(directory):
     return 0, like
   for name in os.listdir(directory):
-    if "orbax-checkpoint-tmp" in name:
+    if "orbax-checkpoint-tmp" in name or name.startswith(SET_ASIDE):
       shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
   for step in reversed(_steps(directory)):
     try:

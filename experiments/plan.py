@@ -9,8 +9,9 @@ and an assumed utilisation.
 
 How it is measured, as stated in the output: the train step is compiled with the trajectory's
 own optimizer; the probe optimizers that ride along (elementwise updates fused into the
-step) are counted from their exact state shapes (`jax.eval_shape`), their stacked updates as
-an output of the step, and their arithmetic and threshold searches analytically (~20 and ~70
+step) are counted from their exact state shapes (`jax.eval_shape`), their stacked updates
+beside the probe programs' temporaries, and their arithmetic and threshold searches
+analytically (~20 and ~70
 FLOPs per coordinate) — compiling the step with all of them takes minutes per model on a
 CPU. The probe programs are compiled as they are. XLA's cost analysis counts a loop body
 once, so FLOPs come from loop-free programs (one forward, one direction's second
@@ -155,9 +156,10 @@ def plan_trajectories(name, preset, mesh, spec_of, kind, epochs, probe_points) -
   return {"parameters": n, "params_bytes": _nbytes(params) / devices,
           "state_bytes": (_nbytes(state) - _nbytes(params)) / devices,
           "probe_state_bytes": probe_bytes / devices,
-          # the step's temporaries, and its stacked probe updates (an output)
-          "step_temp": step_temp + directions * _nbytes(params) / devices,
-          "probe_temp": max(second_temp, landscape_temp) + lanczos_bytes / devices,
+          "step_temp": step_temp,
+          # the probe programs' temporaries, beside the stacked directions they read
+          "probe_temp": (max(second_temp, landscape_temp) + lanczos_bytes / devices
+                         + directions * _nbytes(params) / devices),
           "step_flops": step_flops, "probe_flops": probe_flops,
           "steps": epochs * (getattr(preset, name).train_size // getattr(preset, name).batch_size),
           "probe_points": probe_points}

@@ -52,14 +52,12 @@ def check_disk(out: str, needed_bytes: int) -> None:
                      f"about {needed_bytes / 2**30:.1f} GiB")
 
 
-def checkpoint_bytes(tasks_built, units_per_task: int) -> int:
-  """About what the run's checkpoints take: every trajectory unit keeps its latest state,
-  parameters plus one state per probe optimizer (at most three parameter copies each)."""
-  import jax
-  from experiments import trajectory
-  total = 0
-  for task in tasks_built:
-    params = task.init_params(0)
-    size = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
-    total += size * (1 + 3 * len(trajectory.PROBES["transformer"])) * units_per_task
-  return total
+def checkpoint_bytes(tasks_built) -> int:
+  """The most the run's checkpoints hold at once: one unit at a time (a finished unit's
+  steps are discarded), its two kept steps and the one being written. Only the probe
+  trajectories (transformer tasks and the ResNet) checkpoint."""
+  from experiments import checkpoints, trajectory
+  kinds = {"translation": "transformer", "code": "transformer", "images": "resnet"}
+  sizes = [trajectory.checkpoint_bytes(task, kinds[task.name])
+           for task in tasks_built if task.name in kinds]
+  return (checkpoints.KEEP + 1) * max(sizes, default=0)

@@ -80,7 +80,8 @@ def write(out: str, records):
                                           r["epoch"])):
     overall, layers = sample_r_med(r["curvature_sample"])
     boot = _bootstrap(r["curvature_sample"], rng)
-    low, high = np.percentile(boot, [5, 95])
+    with np.errstate(invalid="ignore"):  # resamples with a zero median (inf): nan, no verdict
+      low, high = np.percentile(boot, [5, 95])
     count = sum(len(v) for v in r["curvature_sample"]["hessian_diagonal"].values())
     rows.append([r["task"], r["trajectory"], r["seed"], r["epoch"], count, overall,
                  10 ** low, 10 ** high, float(np.median(list(layers.values()))) if layers

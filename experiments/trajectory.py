@@ -17,6 +17,7 @@ with orbax at every probe point, so ``--resume`` continues from the last one.
 from __future__ import annotations
 
 import functools
+import os
 from typing import Callable, NamedTuple
 
 import jax
@@ -24,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import optclip
-from experiments import training
+from experiments import checkpoints, training
 from experiments.variants import Variant
 from optclip import curvature, geometry, probes
 
@@ -86,14 +87,24 @@ def train_transform(trajectory: str, learning_rate: float, kind: str):
 @functools.lru_cache(maxsize=None)
 def _train_step(model, kind, mesh=None):
   """The jitted training step of every trajectory, rate and seed of a task (they differ only
-  in the state): one compile. It also returns every probe's update of the step."""
+  in the state): one compile."""
   return training.train_step(training.model_loss(model, mesh),
-                             train_transform(TRAJECTORIES[0], 1.0, kind), with_probes=True)
+                             train_transform(TRAJECTORIES[0], 1.0, kind))
+
+
+@functools.lru_cache(maxsize=None)
+def _probe_step(model, kind, mesh=None):
+  """The directions at a probe point: every probe's update of the next step (not taken),
+  and what the clipped probes' clips did in it."""
+  tx = train_transform(TRAJECTORIES[0], 1.0, kind)
+  return training.probe_step(training.model_loss(model, mesh), tx,
+                             functools.partial(_clip_statistics, names=tuple(tx.probes)))
 
 
 def _pad(stacked, count):
-  """``stacked`` (k directions) padded with zero directions to ``count``."""
-  return jax.tree.map(lambda d: jnp.concatenate(
+  """``stacked`` (k directions) padded with zero directions to ``count`` (no copy at k =
+  ``count``: at GPT-Neo-125M the 20 directions take 9.3 GiB)."""
+  return jax.tree.map(lambda d: d if d.shape[0] == count else jnp.concatenate(
       [d, jnp.zeros((count - d.shape[0],) + d.shape[1:], d.dtype)]), stacked)
 
 
@@ -163,8 +174,8 @@ def make_programs(loss_fn, names, steps, lanczos_iterations) -> _Programs:
   @jax.jit
   def attribution(params, sgd_update, test_grads, test_batch):
     """SGD's sharpness and its attribution to the top coordinates by |u| and by |g|; the
-    modified directions (u without its top by |u|, u clipped, u without its top by |g|)
-    come back for `second_derivatives`."""
+    modified directions (u without its top by |u|, u clipped, u without its top by |g|;
+    then zero directions up to ``width``) come back for `second_derivatives`."""
     hvp = curvature.hessian_vector_product(lambda p: loss_fn(p, test_batch), params,
                                            sgd_update)
     share, norm_share, modified = geometry.attribution_terms(sgd_update, hvp,
@@ -172,8 +183,10 @@ def make_programs(loss_fn, names, steps, lanczos_iterations) -> _Programs:
     share_g, norm_share_g, modified_g = geometry.attribution_terms(
         sgd_update, hvp, ATTRIBUTION_FRACTIONS, select_by=test_grads)
     count = len(ATTRIBUTION_FRACTIONS)
-    modified = jax.tree.map(lambda a, b: jnp.concatenate([a, b[:count]]), modified,
-                            modified_g)
+    # Padded here to `width` with zero directions, so that no padded copy is made later.
+    modified = jax.tree.map(lambda a, b: jnp.concatenate(
+        [a, b[:count], jnp.zeros((width - 3 * count,) + a.shape[1:], a.dtype)]), modified,
+        modified_g)
     sharpness = geometry.tree_dot(sgd_update, hvp) / geometry.tree_dot(sgd_update, sgd_update)
     return (sharpness, share, norm_share, share_g, norm_share_g,
             jax.vmap(lambda u: geometry.tree_dot(u, u))(modified), modified)
@@ -216,7 +229,7 @@ def _clip_statistics(opt_state, names) -> dict:
     if clips:
       out[name] = {f: getattr(clips[0], f) for f in ("threshold", "clipped_fraction",
                                                      "norm_before", "norm_after")}
-  return jax.device_get(out)
+  return out
 
 
 def _diagonal_entries(programs: _Programs, params, test_batch, sample) -> np.ndarray:
@@ -234,10 +247,12 @@ def _diagonal_entries(programs: _Programs, params, test_batch, sample) -> np.nda
   return np.concatenate(values) if values else np.zeros(0)
 
 
-def probe(programs: _Programs, params, stacked, opt_state, test_batch, key, sample,
+def probe(programs: _Programs, params, stacked, clip_statistics, test_batch, key, sample,
           with_diagonal: bool = True, lanczos: bool = True) -> dict:
   """Everything measured at one probe point x (``params``) for the probe directions
-  ``stacked`` (K, ...), as host values for metrics.jsonl; the exact Hessian diagonal entries
+  ``stacked`` (K, ...), as host values for metrics.jsonl (``clip_statistics``: what the
+  clipped probes' clips did in that step). ``stacked`` is consumed: its buffers are freed
+  once read. The exact Hessian diagonal entries
   at the sampled coordinates (the costliest part) only ``with_diagonal``, λ_max only with
   ``lanczos``."""
   names, width = programs.names, programs.width
@@ -260,12 +275,19 @@ def probe(programs: _Programs, params, stacked, opt_state, test_batch, key, samp
   robust = raw.copy()
   if shifted.any():  # Appendix B, Eq. (4): re-evaluated at x + δu/‖u‖
     robust[shifted] = (second(stacked, shifted)[:count] / norm_sq)[shifted]
+  landscape = np.asarray(programs.landscape(params, stacked, test_batch))
   sgd_update = jax.tree.map(lambda d: d[names.index("sgd")], stacked)
+  # At the paper's sizes the directions take GiBs (9.3 at GPT-Neo-125M): the modified ones
+  # below take their place rather than join them.
+  for leaf in jax.tree.leaves(stacked):
+    leaf.delete()
   (sgd_sharpness, share, norm_share, share_g, norm_share_g, modified_norm_sq,
    modified) = programs.attribution(params, sgd_update, test_grads, test_batch)
   fractions = len(ATTRIBUTION_FRACTIONS)
-  attributed = (second(modified)[:3 * fractions]
-                / np.asarray(modified_norm_sq, np.float64))
+  with np.errstate(divide="ignore", invalid="ignore"):  # nothing left after removal: undefined
+    attributed = (second(modified)[:3 * fractions]
+                  / np.asarray(modified_norm_sq, np.float64)[:3 * fractions])
+  del modified
   if not with_diagonal:
     sample = {name: index[:0] for name, index in sample.items()}
   diagonal = _diagonal_entries(programs, params, test_batch, sample)
@@ -280,10 +302,10 @@ def probe(programs: _Programs, params, stacked, opt_state, test_batch, key, samp
                            for leaf, i in zip(jax.tree.leaves(tree), sample.values())])
 
   return {**measured, "sharpness": raw, "sharpness_robust": robust, "shifted": shifted,
-          "landscape": np.asarray(programs.landscape(params, stacked, test_batch)),
+          "landscape": landscape,
           "lambda_max": (float(programs.top_eigenvalue(params, test_batch, key))
                          if lanczos else float("nan")),
-          "clip": _clip_statistics(opt_state, names),
+          "clip": jax.device_get(clip_statistics),
           "attribution": {
               "fractions": list(ATTRIBUTION_FRACTIONS), "sharpness": float(sgd_sharpness),
               "share": share, "norm_share": norm_share, "share_by_gradient": share_g,
@@ -296,6 +318,21 @@ def probe(programs: _Programs, params, stacked, opt_state, test_batch, key, samp
               "hessian_diagonal": per_leaf(diagonal),
               "gradient": per_leaf(at_sample(jax.device_get(test_grads))),
               "sgd_update": per_leaf(at_sample(jax.device_get(sgd_update)))}}
+
+
+def _fills_memory(*trees) -> bool:
+  """Whether ``trees`` take more than half of what a device holds (an accelerator's
+  allocator limit; the host's RAM on CPU, where all devices share it), leaving too little
+  for the probe programs."""
+  device = jax.local_devices()[0]
+  limit = (device.memory_stats() or {}).get("bytes_limit")
+  held = sum(shard.data.nbytes for leaf in jax.tree.leaves(trees)
+             for shard in leaf.addressable_shards)
+  if limit is None:
+    limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  else:
+    held /= len(jax.local_devices())
+  return held > limit / 2
 
 
 def run(ctx, task, trajectory: str, seed: int, *, kind: str = "transformer",
@@ -321,6 +358,7 @@ def run(ctx, task, trajectory: str, seed: int, *, kind: str = "transformer",
                 **({"model": model_name} if model_name else {}))
   with context:
     step = _train_step(task.model, kind, ctx.mesh)
+    directions = _probe_step(task.model, kind, ctx.mesh)
     programs = _programs(task.model, kind, tuple(preset.landscape_steps),
                          preset.lanczos_iterations, ctx.mesh)
     tx = train_transform(trajectory, learning_rate, kind)
@@ -338,17 +376,25 @@ def run(ctx, task, trajectory: str, seed: int, *, kind: str = "transformer",
       metrics.log(EXPERIMENT, f"{unit}/epoch{epoch}/train", **fields, epoch=epoch,
                   train_loss=train_loss)
       if epoch in probe_epochs:
-        # The directions: the step on the next training batch from x, on a copy (the step
-        # donates its input; the trajectory itself goes on unchanged).
+        # The directions: the step on the next training batch from x, not taken (the
+        # trajectory itself goes on unchanged).
         next_batch = place_batch(next(task.epoch_batches(seed, epoch)))
-        after, _, stacked = step(jax.tree.map(jnp.copy, state), next_batch)
+        stacked, clip_statistics = directions(state, next_batch)
+        # The probe reads only the parameters: where the optimizer states would crowd the
+        # probe programs out of memory (GPT-Neo-125M's 20 probe states on a 24 GiB host),
+        # they wait on disk meanwhile; they come back bit for bit.
+        bring_back = (checkpoints.set_aside(ctx.out, unit, state.opt_state)
+                      if _fills_memory(state, stacked) else None)
         key = jax.random.fold_in(jax.random.PRNGKey(seed), epoch)
-        result = probe(programs, state.params, stacked, after.opt_state, test_batch, key,
+        result = probe(programs, state.params, stacked, clip_statistics, test_batch, key,
                        sample, preset.curvature_at == "every" or epoch == probe_epochs[-1],
                        lanczos=preset.lanczos_iterations > 0)
         metrics.log(EXPERIMENT, f"{unit}/epoch{epoch}/probe", **fields, epoch=epoch,
                     algorithms=names, step_sizes=list(preset.landscape_steps),
                     histogram_range=list(HISTOGRAM_RANGE), **result)
+        if bring_back is not None:
+          return training.TrainState(state.params, bring_back())
+      return None
 
     training.run_epochs(step, state, lambda epoch: task.epoch_batches(seed, epoch), epochs,
                         steps_per_epoch=task.batches_per_epoch, place_batch=place_batch,
@@ -356,6 +402,15 @@ def run(ctx, task, trajectory: str, seed: int, *, kind: str = "transformer",
                         on_epoch_end=on_epoch_end,
                         description=f"{task.name} {trajectory} seed {seed}")
   metrics.log(EXPERIMENT, f"{unit}/done", **fields)
+  checkpoints.discard(ctx.out, unit)
+
+
+def checkpoint_bytes(task, kind: str = "transformer") -> int:
+  """Bytes of one saved step of a unit of ``task``: parameters and every probe optimizer's
+  state, as `jax.eval_shape` gives them (nothing is allocated)."""
+  state = jax.eval_shape(lambda: training.initial_state(
+      train_transform(TRAJECTORIES[0], 1.0, kind), task.init_params(0)))
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
 
 
 def probe_records(records, *, kind="transformer"):

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import chex
 import numpy as np
 import pytest
 
@@ -91,6 +92,9 @@ def test_smoke_reproduce_is_complete_and_resume_matches_an_uninterrupted_run(tmp
   records = [json.loads(l) for l in open(os.path.join(full, "metrics.jsonl"))]
   probes = [r for r in records if r["key"].endswith("/probe")]
   assert probes
+  # Finished units leave no checkpoint behind (their results are in metrics.jsonl).
+  checkpoint_root = os.path.join(full, "checkpoints")
+  assert not os.path.isdir(checkpoint_root) or not os.listdir(checkpoint_root)
   for r in probes:
     # Large steps may diverge (stored as "inf"/"nan"); step 0 is the probe point itself.
     landscape = np.asarray(r["landscape"], np.float64)
@@ -125,6 +129,52 @@ def test_smoke_reproduce_is_complete_and_resume_matches_an_uninterrupted_run(tmp
   assert not [n for n in os.listdir(unit) if "tmp" in n]
   assert os.path.isdir(step + ".unreadable")  # kept, not deleted
   _assert_same_metrics(damaged, records, "resnet")
+
+
+def test_probe_step_reads_every_probe_update_without_taking_the_step(tmp_path):
+  """The directions at a probe point equal each probe optimizer's update computed on its
+  own (optax, from the same state and gradient) and the state passed in stays usable; a
+  finished unit's checkpoints are discarded except those set aside as unreadable; optimizer
+  states set aside on disk come back equal."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from experiments import checkpoints, training
+  loss_fn = lambda p, b: jnp.sum((b["x"] @ p["w"] - b["y"]) ** 2) + jnp.sum(p["b"] ** 4)
+  params = {"w": jnp.linspace(-1.0, 1.0, 12).reshape(4, 3), "b": jnp.arange(3.0)}
+  batch = {"x": jnp.ones((5, 4)) * jnp.arange(5.0)[:, None], "y": jnp.ones((5, 3))}
+  tx = trajectory.train_transform("adam", 1e-2, "transformer")
+  state = training.initial_state(tx, params)
+  state, _ = training.train_step(loss_fn, tx)(state, batch)  # a history for the moments
+  stacked, clips = training.probe_step(loss_fn, tx, lambda s: s.train)(state, batch)
+  grads = jax.grad(loss_fn)(state.params, batch)
+  for k, (name, probe) in enumerate(tx.probes.items()):
+    expected, _ = probe.update(grads, state.opt_state.probes[name], state.params)
+    chex.assert_trees_all_close(jax.tree.map(lambda d: d[k], stacked), expected, rtol=1e-6)
+  assert int(clips.index) == list(tx.probes).index("adam")
+  jax.tree.map(lambda x: x.block_until_ready(), state)  # not donated
+
+  class Task:
+    name = "code"
+    init_params = staticmethod(lambda seed: params)
+  size = sum(x.nbytes for x in jax.tree.leaves(training.initial_state(tx, params)))
+  assert trajectory.checkpoint_bytes(Task) == size
+  out = str(tmp_path)
+  for step in (1, 2):
+    checkpoints.save(out, "unit", step, state)
+  os.replace(os.path.join(checkpoints.checkpoint_dir(out, "unit"), "1"),
+             os.path.join(checkpoints.checkpoint_dir(out, "unit"), "1.unreadable"))
+  checkpoints.discard(out, "unit")
+  assert os.listdir(checkpoints.checkpoint_dir(out, "unit")) == ["1.unreadable"]
+  checkpoints.save(out, "other", 1, state)
+  checkpoints.discard(out, "other")
+  assert not os.path.exists(checkpoints.checkpoint_dir(out, "other"))
+  # Set aside while a probe point is measured: freed, then back bit for bit, folder gone.
+  kept = jax.device_get(state.opt_state)
+  bring_back = checkpoints.set_aside(out, "unit", state.opt_state)
+  assert all(leaf.is_deleted() for leaf in jax.tree.leaves(state.opt_state))
+  chex.assert_trees_all_equal(bring_back(), kept)
+  assert os.listdir(checkpoints.checkpoint_dir(out, "unit")) == ["1.unreadable"]
 
 
 def _assert_same_metrics(out, reference_records, kind):
