@@ -34,3 +34,30 @@ def plot_coordinate_histograms(histograms: dict, path: str, title: str) -> None:
   ax.set_title(title)
   ax.legend()
   save_figure(fig, path)
+
+
+def spectral_density_curve(nodes, weights, grid, width: float):
+  """The density Σⱼ wⱼ 𝒩(x; θⱼ, width²) of stochastic Lanczos quadrature's (nodes θ,
+  weights w) on ``grid``: the quadrature's point masses smoothed by a Gaussian of ``width``
+  (as PyHessian's density plots do), so that it integrates to Σ w = 1."""
+  nodes, weights = np.ravel(nodes), np.ravel(weights)
+  grid = np.asarray(grid, np.float64)[:, None]
+  gauss = np.exp(-0.5 * ((grid - nodes) / width) ** 2) / (width * np.sqrt(2 * np.pi))
+  return gauss @ weights
+
+
+def plot_spectral_density(nodes, weights, path: str, title: str = "Hessian spectral density",
+                          *, width: float | None = None, points: int = 400) -> None:
+  """Plots `optclip.curvature.hessian_spectral_density`'s (nodes, weights) (or the
+  Gauss-Newton one) as a smoothed density on a log-scaled axis; ``width`` defaults to 1% of
+  the nodes' range."""
+  nodes, weights = np.ravel(nodes), np.ravel(weights)
+  span = max(float(nodes.max() - nodes.min()), 1e-12)
+  width = width or 0.01 * span
+  grid = np.linspace(nodes.min() - 0.05 * span, nodes.max() + 0.05 * span, points)
+  fig, ax = new_figure(figsize=(6.5, 4))
+  ax.semilogy(grid, np.maximum(spectral_density_curve(nodes, weights, grid, width), 1e-12))
+  ax.set_xlabel("eigenvalue")
+  ax.set_ylabel("density")
+  ax.set_title(title)
+  save_figure(fig, path)
