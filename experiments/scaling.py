@@ -21,7 +21,7 @@ from experiments.tables import write_table
 NAME = "scaling"
 KIND = "scaling"
 SIZES = {"translation": ("t5-micro", "t5-mini", "t5-tiny"),
-         "code": ("gpt-neo-micro", "gpt-neo-mini", "gpt-neo-tiny")}
+         "code": ("gpt-neo-nano", "gpt-neo-mini", "gpt-neo-tiny")}
 RATIOS = {"Adam / SGD": ("adam", "sgd"), "SGD clip 10% / SGD": ("sgd, clip grad 0.1", "sgd"),
           "Adam clip 50% / Adam": ("adam, clip grad 0.5", "adam")}
 

@@ -123,3 +123,21 @@ def test_theorem2_holds_on_non_diagonal_instances_and_fails_when_violated():
   # With the true ℓ (the hypothesis holds) the same instance satisfies the bound.
   assert theory.theorem2(hessian, x0, np.arange(1), 0.05, *theory.norms(hessian,
                                                                         np.arange(1)))["bound_holds"]
+
+
+def test_scaling_ladder_grows_at_the_quick_presets_task_settings():
+  """The scale trend's sizes have strictly more parameters, one after the other, once the
+  task has set vocabulary and positions (as `tasks.build` does)."""
+  import dataclasses
+  from experiments import scaling
+  from experiments.plan import model_and_batch
+  from optclip import models
+  for task, sizes in scaling.SIZES.items():
+    counts = []
+    for name in sizes:
+      preset = dataclasses.replace(presets.QUICK, **{task: dataclasses.replace(
+          getattr(presets.QUICK, task), model=name)})
+      model, _ = model_and_batch(task, preset)
+      shapes = jax.eval_shape(lambda k: models.init_params(model, k), jax.random.PRNGKey(0))
+      counts.append(sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes)))
+    assert all(a < b for a, b in zip(counts, counts[1:])), (task, sizes, counts)

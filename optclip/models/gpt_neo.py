@@ -60,6 +60,11 @@ PRESETS = {
     "gpt-neo-micro": GPTNeoConfig(vocab_size=128, max_position_embeddings=64, hidden_size=32,
                                   num_layers=2, num_heads=4, window_size=4,
                                   attention_types=((("global", "local"), 1),)),
+    # Half micro's width: the smallest size of experiments.scaling's ladder (micro and mini
+    # differ only in vocabulary and window, which the tasks set, so not in size).
+    "gpt-neo-nano": GPTNeoConfig(vocab_size=128, max_position_embeddings=64, hidden_size=16,
+                                 num_layers=2, num_heads=4, window_size=4,
+                                 attention_types=((("global", "local"), 1),)),
 }
 
 
