@@ -56,9 +56,9 @@ def set_aside(out: str, unit: str, tree):
   """Writes ``tree`` to checkpoints/<unit>/set-aside and frees its buffers; returns a
   function that reads it back (same shapes and shardings) and removes the folder.
 
-  For memory the tree is not needed in for a while (a probe point reads only the
-  parameters, not the optimizer states). A leftover folder (a kill in between) is removed
-  by `restore_latest`.
+  Frees the memory of a tree not needed for a while (a probe point reads the parameters,
+  not the optimizer states). A leftover folder (a kill in between) is removed by
+  `restore_latest`.
   """
   import jax
   import orbax.checkpoint as ocp
