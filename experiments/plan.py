@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import optclip.models as models
 from experiments import trajectory, training
 from experiments.presets import TABLE3_LEARNING_RATES
+from experiments.training import tree_bytes
 from experiments.variants import Variant
 
 # Per coordinate and pass: 8 compares, 2 selects, the extremes; ~6 passes plus the summary
@@ -36,10 +37,6 @@ from experiments.variants import Variant
 SEARCH_FLOPS_PER_COORDINATE = 70
 # A probe optimizer's elementwise update (moments, bias corrections, the division).
 UPDATE_FLOPS_PER_COORDINATE = 20
-
-
-def _nbytes(tree) -> int:
-  return int(sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
 
 
 def _count(tree) -> int:
@@ -116,7 +113,7 @@ def plan_trajectories(name, preset, mesh, spec_of, kind, epochs, probe_points) -
   loss = training.model_loss(model, mesh)
   real = trajectory.train_transform("sgd", 1.0, kind)
   state = jax.eval_shape(lambda p: training.TrainState(p, real.init(p)), params)
-  probe_bytes = _nbytes(state.opt_state.probes)
+  probe_bytes = tree_bytes(state.opt_state.probes)
   alone = TRAJECTORY_OPTIMIZER.make(1.0, tunable=True)
   alone_state = jax.eval_shape(lambda p: training.TrainState(p, alone.init(p)), params)
   a_params = _abstract(params, mesh, spec_of)
@@ -151,15 +148,15 @@ def plan_trajectories(name, preset, mesh, spec_of, kind, epochs, probe_points) -
   hvp = 2 * per_direction  # forward-over-reverse ≈ two forward-over-forward in cost
   probe_flops = (per_direction * width * (3 + diagonal_calls) + per_forward * directions
                  * steps_count + hvp * (preset.lanczos_iterations + 1) + step_flops)
-  lanczos_bytes = preset.lanczos_iterations * _nbytes(params)
+  lanczos_bytes = preset.lanczos_iterations * tree_bytes(params)
   devices = 1 if mesh is None else mesh.size
-  return {"parameters": n, "params_bytes": _nbytes(params) / devices,
-          "state_bytes": (_nbytes(state) - _nbytes(params)) / devices,
+  return {"parameters": n, "params_bytes": tree_bytes(params) / devices,
+          "state_bytes": (tree_bytes(state) - tree_bytes(params)) / devices,
           "probe_state_bytes": probe_bytes / devices,
           "step_temp": step_temp,
           # the probe programs' temporaries, beside the stacked directions they read
           "probe_temp": (max(second_temp, landscape_temp) + lanczos_bytes / devices
-                         + directions * _nbytes(params) / devices),
+                         + directions * tree_bytes(params) / devices),
           "step_flops": step_flops, "probe_flops": probe_flops,
           "steps": epochs * (getattr(preset, name).train_size // getattr(preset, name).batch_size),
           "probe_points": probe_points}
@@ -176,8 +173,8 @@ def plan_training(name, preset, mesh, spec_of, runs, epochs) -> dict:
                         _abstract(state, mesh, spec_of), a_batch)
   task = getattr(preset, name)
   devices = 1 if mesh is None else mesh.size
-  return {"parameters": _count(params), "params_bytes": _nbytes(params) / devices,
-          "state_bytes": (_nbytes(state) - _nbytes(params)) / devices,
+  return {"parameters": _count(params), "params_bytes": tree_bytes(params) / devices,
+          "state_bytes": (tree_bytes(state) - tree_bytes(params)) / devices,
           "probe_state_bytes": 0, "step_temp": temp, "probe_temp": 0, "step_flops": flops,
           "probe_flops": 0, "steps": runs * epochs * (task.train_size // task.batch_size),
           "probe_points": 0}

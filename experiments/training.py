@@ -29,6 +29,11 @@ class TrainState(NamedTuple):
   opt_state: Any
 
 
+def tree_bytes(tree) -> int:
+  """Bytes of a pytree of arrays or `jax.ShapeDtypeStruct`s (what a state would take)."""
+  return int(sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
+
+
 def train_step(loss_fn: Callable, tx) -> Callable:
   """Jitted ``(state, batch) -> (state, loss)``: one optax step of ``tx`` on ``loss_fn``.
 

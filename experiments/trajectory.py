@@ -410,7 +410,7 @@ def checkpoint_bytes(task, kind: str = "transformer") -> int:
   state, as `jax.eval_shape` gives them (nothing is allocated)."""
   state = jax.eval_shape(lambda: training.initial_state(
       train_transform(TRAJECTORIES[0], 1.0, kind), task.init_params(0)))
-  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+  return training.tree_bytes(state)
 
 
 def probe_records(records, *, kind="transformer"):
