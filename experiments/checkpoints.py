@@ -31,13 +31,11 @@ def save(out: str, unit: str, step: int, state) -> None:
   temporary folder), and the previous one stays as a fallback: a kill during the save loses
   nothing.
   """
-  import orbax.checkpoint as ocp
   directory = checkpoint_dir(out, unit)
   os.makedirs(directory, exist_ok=True)
   path = os.path.join(directory, str(step))
   if not os.path.exists(path):
-    with ocp.StandardCheckpointer() as checkpointer:
-      checkpointer.save(path, state)
+    _write(path, state)
   for old in _steps(directory)[:-KEEP]:
     shutil.rmtree(os.path.join(directory, str(old)), ignore_errors=True)
 
@@ -61,18 +59,15 @@ def set_aside(out: str, unit: str, tree):
   `restore_latest`.
   """
   import jax
-  import orbax.checkpoint as ocp
-  like = jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+  like = _abstract(tree)
   path = os.path.join(checkpoint_dir(out, unit), SET_ASIDE)
   shutil.rmtree(path, ignore_errors=True)
-  with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(path, tree)
+  _write(path, tree)
   for leaf in jax.tree.leaves(tree):
     leaf.delete()
 
   def bring_back():
-    with ocp.StandardCheckpointer() as checkpointer:
-      restored = checkpointer.restore(path, like)
+    restored = _read(path, like)
     shutil.rmtree(path, ignore_errors=True)
     return restored
 
@@ -136,8 +131,23 @@ def _quiet_async_failures():
 
 def restore(out: str, unit: str, step: int, like):
   """Restores checkpoints/<unit>/<step> with the structure, shapes and shardings of ``like``."""
+  return _read(os.path.join(checkpoint_dir(out, unit), str(step)), _abstract(like))
+
+
+def _abstract(tree):
+  """Structure, shapes, dtypes and shardings of ``tree``, without its values."""
   import jax
   import orbax.checkpoint as ocp
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+  return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+def _write(path: str, tree) -> None:
+  import orbax.checkpoint as ocp
   with ocp.StandardCheckpointer() as checkpointer:
-    return checkpointer.restore(os.path.join(checkpoint_dir(out, unit), str(step)), abstract)
+    checkpointer.save(path, tree)
+
+
+def _read(path: str, abstract):
+  import orbax.checkpoint as ocp
+  with ocp.StandardCheckpointer() as checkpointer:
+    return checkpointer.restore(path, abstract)
