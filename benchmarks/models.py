@@ -35,12 +35,12 @@ def _batch(name, config, batch, src, tgt, rng):
 
 def jax_step_ms(model, params, batch, repeats):
   """Median time of a training loop's step as the experiments run it
-  (`experiments.training.train_step`): state carried and donated, as PyTorch updates in
+  (`experiments.training.loop.train_step`): state carried and donated, as PyTorch updates in
   place (without donation every step also allocates fresh parameter and moment buffers)."""
-  from experiments import training
+  from experiments.training import loop
   tx = optax.adamw(1e-4)
-  step = training.train_step(models.make_loss_fn(model), tx)
-  carried = [training.initial_state(tx, params)]
+  step = loop.train_step(models.make_loss_fn(model), tx)
+  carried = [loop.initial_state(tx, params)]
   batch = jax.tree.map(jnp.asarray, batch)
 
   def run():

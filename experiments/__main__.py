@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from experiments.run_folder import UsageError
+from experiments.errors import UsageError
 
 
 def _parser():
@@ -89,7 +89,8 @@ def main(argv=None, *, after_checkpoint=None) -> int:
 def _plan(args, argv) -> int:
   """The planner; a --mesh of more CPU devices than there are re-runs it with XLA's host
   device count raised (before JAX starts), so its programs compile for the real mesh."""
-  from experiments import overrides, presets
+  from experiments import presets
+  from experiments.setup import overrides
   if args.preset not in presets.PRESETS:
     raise UsageError(f"--preset {args.preset!r} is unknown; choose one of "
                      f"{sorted(presets.PRESETS)}")
@@ -164,9 +165,11 @@ def _checkpoints(values) -> dict:
 
 def _run(args, after_checkpoint) -> int:
   """Preflight (every check that can fail, nothing written yet), then the experiments."""
-  from experiments import overrides, preflight, presets, registry, report, run_folder
-  from experiments.context import Context
-  from experiments.metrics import Metrics
+  from experiments import presets, registry, report
+  from experiments.artifacts import run_folder
+  from experiments.artifacts.metrics import Metrics
+  from experiments.setup import overrides, preflight
+  from experiments.setup.context import Context
   if args.preset not in presets.PRESETS:
     raise UsageError(f"--preset {args.preset!r} is unknown; choose one of "
                      f"{sorted(presets.PRESETS)}")

@@ -27,10 +27,12 @@ import jax
 import jax.numpy as jnp
 
 import optclip.models as models
-from experiments import trajectory, training
 from experiments.presets import TABLE3_LEARNING_RATES
-from experiments.training import tree_bytes
-from experiments.variants import Variant
+from experiments.probing import measurements, probes
+from experiments.training import loop as training
+from experiments.training.loop import tree_bytes
+from experiments.training.variants import Variant
+from optclip import blocks as block_partition
 
 # Per coordinate and pass: 8 compares, 2 selects, the extremes; ~6 passes plus the summary
 # and the statistics pass.
@@ -102,7 +104,7 @@ def _abstract_batch(batch, mesh, spec_of):
 
 
 def _clipped_searches(kind: str) -> int:
-  return sum(v.clip is not None or v.clip_update is not None for v in trajectory.PROBES[kind])
+  return sum(v.clip is not None or v.clip_update is not None for v in probes.PROBES[kind])
 
 
 def plan_trajectories(name, preset, mesh, spec_of, kind, epochs, probe_points) -> dict:
@@ -111,7 +113,7 @@ def plan_trajectories(name, preset, mesh, spec_of, kind, epochs, probe_points) -
   model, batch = model_and_batch(name, preset)
   params = jax.eval_shape(lambda k: models.init_params(model, k), jax.random.PRNGKey(0))
   loss = training.model_loss(model, mesh)
-  real = trajectory.train_transform("sgd", 1.0, kind)
+  real = probes.train_transform("sgd", 1.0, kind)
   state = jax.eval_shape(lambda p: training.TrainState(p, real.init(p)), params)
   probe_bytes = tree_bytes(state.opt_state.probes)
   alone = TRAJECTORY_OPTIMIZER.make(1.0, tunable=True)
@@ -121,10 +123,10 @@ def plan_trajectories(name, preset, mesh, spec_of, kind, epochs, probe_points) -
   step_temp, step_flops = analyse(training.train_step(loss, alone),
                                   _abstract(alone_state, mesh, spec_of), a_batch)
   n = _count(params)
-  directions = len(trajectory.PROBES[kind])
+  directions = len(probes.PROBES[kind])
   step_flops += n * (directions * UPDATE_FLOPS_PER_COORDINATE
                      + _clipped_searches(kind) * SEARCH_FLOPS_PER_COORDINATE)
-  programs = trajectory.make_programs(loss, [v.label for v in trajectory.PROBES[kind]],
+  programs = measurements.make_programs(loss, [v.label for v in probes.PROBES[kind]],
                                       tuple(preset.landscape_steps), preset.lanczos_iterations)
   width = programs.width
   stacked = jax.tree.map(lambda x: jax.ShapeDtypeStruct((width,) + x.shape, x.dtype),
@@ -141,13 +143,21 @@ def plan_trajectories(name, preset, mesh, spec_of, kind, epochs, probe_points) -
   per_forward = _flops(jax.jit(loss), a_params, a_batch)
   per_direction = _flops(jax.jit(lambda p, u, b: jax.jvp(lambda x: jax.jvp(
       lambda y: loss(y, b), (x,), (u,))[1], (p,), (u,))[1]), a_params, a_params, a_batch)
-  steps_count = len(preset.landscape_steps)
-  diagonal = sum(min(preset.curvature_samples, x.size) for x in jax.tree.leaves(params))
-  diagonal_calls = math.ceil(diagonal / width) if preset.curvature_at == "every" else (
-      math.ceil(diagonal / width) / max(1, len(preset.probe_epochs)))
+  per_gradient = _flops(jax.jit(jax.value_and_grad(loss)), a_params, a_batch)
   hvp = 2 * per_direction  # forward-over-reverse ≈ two forward-over-forward in cost
-  probe_flops = (per_direction * width * (3 + diagonal_calls) + per_forward * directions
-                 * steps_count + hvp * (preset.lanczos_iterations + 1) + step_flops)
+  # Per point, the measurements' declared costs (experiments.probing.measurements), with the
+  # diagonal entries of the last point spread over all points where only the last takes them.
+  diagonal = sum(min(preset.curvature_samples, x.size) for x in jax.tree.leaves(params))
+  share = 1.0 if preset.curvature_at == "every" else 1 / max(1, len(preset.probe_epochs))
+  shape = measurements.Shape(
+      directions=directions, width=width, steps=len(preset.landscape_steps),
+      lanczos_iterations=preset.lanczos_iterations,
+      diagonal_calls=math.ceil(diagonal / width) * share,
+      blocks=len(set(jax.tree.leaves(block_partition.partition(params)))))
+  cost = measurements.point_cost(shape, preset)
+  probe_flops = (cost.forwards * per_forward + cost.gradients * per_gradient
+                 + cost.second_derivatives * per_direction + cost.hessian_vector_products * hvp
+                 + step_flops)
   lanczos_bytes = preset.lanczos_iterations * tree_bytes(params)
   devices = 1 if mesh is None else mesh.size
   return {"parameters": n, "params_bytes": tree_bytes(params) / devices,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from experiments.variants import Variant
+from experiments.training.variants import Variant
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,7 +22,7 @@ class TaskPreset:
   max_length: int = 32   # tokens (source/target/block); pixels for images
   vocab_size: int = 512  # tokenizer trained on the training split (ignored for images)
   source: str = "offline"  # "offline" (defaults shipped with the OS/Python) or "paper"
-  # Pretraining on the other half of the corpus (0: none; see experiments.pretraining).
+  # Pretraining on the other half of the corpus (0: none; see experiments.tasks.pretraining).
   pretrain_size: int = 0
   pretrain_epochs: int = 0
   pretrain_learning_rate: float = 2e-3
@@ -53,6 +53,9 @@ class Preset:
   # Where the probe batch comes from: "train" (a fixed subset of the training subset, as the
   # paper's code; Appendix B.3) or "held-out" (outside it).
   probe_batch: str = "train"
+  # Probe measurements not to take (names in experiments.probing.measurements), e.g.
+  # ("block_sharpness",); the report marks what they feed as not run.
+  skip_measurements: tuple = ()
 
 
 def _steps(low: float, high: float, count: int) -> tuple:
@@ -123,6 +126,87 @@ PAPER = Preset(
     theory_dim=4000)
 
 PRESETS = {p.name: p for p in (SMOKE, QUICK, PAPER)}
+
+
+def _epochs_within(epochs_field: str):
+  return lambda value, preset: (
+      None if value and all(isinstance(e, int) and 1 <= e <= getattr(preset, epochs_field)
+                            for e in value)
+      else f"expected a non-empty tuple of epochs in 1..{epochs_field} "
+           f"({getattr(preset, epochs_field)})")
+
+
+def _at_least(low):
+  return lambda value, preset: None if value >= low else f"expected at least {low}"
+
+
+def _positive(value, preset):
+  return None if value > 0 else "expected a positive number"
+
+
+# What a preset's fields may hold beyond their types: field -> (value, preset) -> a problem
+# or None. A value that only switches a measurement off (lanczos_iterations=0, say) is
+# allowed; the report marks what it switched off as not run.
+LIMITS = {
+    "seeds": lambda v, p: None if v and all(isinstance(s, int) and s >= 0 for s in v) else
+                          "expected a non-empty tuple of non-negative integer seeds",
+    "epochs": _at_least(1),
+    "probe_epochs": _epochs_within("epochs"),
+    "trajectory_learning_rates": lambda v, p: (
+        None if set(v) == {"sgd", "adam"} and all(isinstance(r, (int, float)) and r > 0
+                                                  for r in v.values())
+        else "expected positive rates for exactly 'sgd' and 'adam'"),
+    "landscape_steps": lambda v, p: (
+        None if v and v[0] == 0 and all(isinstance(s, (int, float)) for s in v) else
+        "expected a tuple of step sizes starting at 0.0 (the point itself)"),
+    "curvature_samples": _at_least(0),
+    "lanczos_iterations": _at_least(0),
+    "convergence_epochs": _at_least(1),
+    "convergence_lr_multipliers": lambda v, p: (
+        None if v and all(isinstance(m, (int, float)) and m > 0 for m in v) else
+        "expected a non-empty tuple of positive multipliers"),
+    "smoothness_epochs": _at_least(0),
+    "smoothness_learning_rate": _positive,
+    "resnet_epochs": _at_least(1),
+    "resnet_probe_epochs": _epochs_within("resnet_epochs"),
+    "theory_dim": _at_least(100),
+    "skip_measurements": lambda v, p: (
+        None if set(v) <= _measurement_names() else
+        f"expected names among {sorted(_measurement_names())}"),
+}
+
+
+def _measurement_names() -> set:
+  from experiments.probing import measurements
+  return {m.name for m in measurements.MEASUREMENTS}
+TASK_LIMITS = {
+    "train_size": _at_least(1),
+    "batch_size": lambda v, p: (None if 1 <= v <= p.train_size else
+                                f"expected 1..train_size ({p.train_size})"),
+    "test_size": lambda v, p: (None if 1 <= v <= p.train_size else
+                               f"expected 1..train_size ({p.train_size})"),
+    "max_length": _at_least(2),
+    "vocab_size": _at_least(8),
+    "pretrain_size": _at_least(0),
+    "pretrain_epochs": _at_least(0),
+    "pretrain_learning_rate": _positive,
+}
+
+
+def problems(preset: Preset) -> dict:
+  """{field (dotted for a task's): what is wrong with its value} for ``preset``."""
+  found = {}
+  for field, check in LIMITS.items():
+    problem = check(getattr(preset, field), preset)
+    if problem:
+      found[field] = problem
+  for task in ("translation", "code", "classification", "images"):
+    task_preset = getattr(preset, task)
+    for field, check in TASK_LIMITS.items():
+      problem = check(getattr(task_preset, field), task_preset)
+      if problem:
+        found[f"{task}.{field}"] = problem
+  return found
 
 # Table 3 of the paper (learning rates of the convergence experiment); None = relative step.
 TABLE3_LEARNING_RATES = {

@@ -4,10 +4,12 @@ beside ours, and one verdict line per claim."""
 from __future__ import annotations
 
 import os
+import types
 
 from experiments import registry
-from experiments.metrics import read_metrics
-from experiments.run_folder import UsageError, read_config
+from experiments.artifacts.metrics import read_metrics
+from experiments.artifacts.run_folder import read_config
+from experiments.errors import UsageError
 
 
 def choices(config: dict) -> list:
@@ -66,9 +68,18 @@ def build(out: str) -> str:
     os.makedirs(os.path.join(out, sub), exist_ok=True)
   records = read_metrics(out)
   config = read_config(out)
+  preset = types.SimpleNamespace(**config.get("preset_values", {}))
   sections, verdicts = [], []
   for experiment in registry.EXPERIMENTS:
-    written = experiment.report(out, [r for r in records if experiment.reads(r)])
+    read = [r for r in records if experiment.reads(r)]
+    reason = _switched_off(experiment, preset)
+    if reason is not None:
+      if read or config.get("command") in (experiment.name, "reproduce"):
+        sections.append(f"### {experiment.name}: not run\n\n{experiment.help[0].upper()}"
+                        f"{experiment.help[1:]}: not run, switched off by {reason}.")
+        verdicts.append(f"{experiment.name}: **not run** (switched off by {reason})")
+      continue
+    written = experiment.report(out, read)
     if written is not None:
       text, lines = written
       sections.append(text)
@@ -94,6 +105,15 @@ def build(out: str) -> str:
   with open(os.path.join(out, "report.md"), "w") as f:
     f.write(body)
   return body
+
+
+def _switched_off(experiment, preset) -> str | None:
+  """Why the run's preset switched ``experiment`` off (None: on, or a config from before the
+  preset had the setting)."""
+  try:
+    return experiment.switched_off(preset)
+  except AttributeError:
+    return None
 
 
 def verdict_lines(out: str) -> list:

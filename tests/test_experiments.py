@@ -9,7 +9,8 @@ import chex
 import numpy as np
 import pytest
 
-from experiments import trajectory
+from experiments.artifacts import records as records_doc
+from experiments.probing import probes, trajectory
 from experiments.__main__ import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -92,6 +93,8 @@ def test_smoke_reproduce_is_complete_and_resume_matches_an_uninterrupted_run(tmp
   records = [json.loads(l) for l in open(os.path.join(full, "metrics.jsonl"))]
   probes = [r for r in records if r["key"].endswith("/probe")]
   assert probes
+  assert not {r["key"]: records_doc.undocumented(r) for r in records
+              if records_doc.undocumented(r)}  # every field documented in one place
   # Finished units leave no checkpoint behind (their results are in metrics.jsonl).
   checkpoint_root = os.path.join(full, "checkpoints")
   assert not os.path.isdir(checkpoint_root) or not os.listdir(checkpoint_root)
@@ -100,7 +103,7 @@ def test_smoke_reproduce_is_complete_and_resume_matches_an_uninterrupted_run(tmp
     landscape = np.asarray(r["landscape"], np.float64)
     defined = np.isfinite(landscape[:, 0])  # the 100% ablation clips to |g| = 0 (undefined)
     np.testing.assert_allclose(landscape[defined, 0], r["loss"], rtol=1e-5)
-    paper = [r["algorithms"].index(v.label) for v in trajectory.PAPER_PROBES[r["kind"]]]
+    paper = [r["algorithms"].index(v.label) for v in probes.PAPER_PROBES[r["kind"]]]
     assert np.all(np.isfinite(np.asarray(r["sharpness"], np.float64)[paper]))
   # A run killed (SIGKILL) right after its first checkpoint, then resumed, ends with the same
   # metrics.
@@ -131,6 +134,29 @@ def test_smoke_reproduce_is_complete_and_resume_matches_an_uninterrupted_run(tmp
   _assert_same_metrics(damaged, records, "resnet")
 
 
+@pytest.mark.slow
+def test_smoke_reproduce_with_every_measurement_switched_off_reports_them_not_run(tmp_path):
+  """Every accepted --set value that switches a measurement off, at once: the run ends, and
+  its report says what was not run instead of failing."""
+  out = str(tmp_path / "off")
+  switches = {"lanczos_iterations": "0", "curvature_samples": "0",
+              "landscape_steps": "(0.0,)", "skip_measurements": "('block_sharpness',)",
+              "smoothness_epochs": "0"}
+  result = _cli(["reproduce", "--preset", "smoke", "--out", out]
+                + [f"--set={k}={v}" for k, v in switches.items()])
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "Traceback" not in result.stderr
+  report = open(os.path.join(out, "report.md")).read()
+  for section, field in (("worstcase", "lanczos_iterations"), ("rmed", "curvature_samples"),
+                         ("mechanism", "curvature_samples"), ("landscape", "landscape_steps"),
+                         ("block_sharpness", "skip_measurements"),
+                         ("smoothness", "smoothness_epochs")):
+    assert f"{section}: **not run** (switched off by {field}" in report, section
+  # The ablation's sharpness is still there; its landscape column is not.
+  ablation = open(os.path.join(out, "tables", "clip_ablation.md")).read().splitlines()[2:]
+  assert ablation and all(row.rstrip(" |").endswith("–") for row in ablation)
+
+
 def test_probe_step_reads_every_probe_update_without_taking_the_step(tmp_path):
   """The directions at a probe point equal each probe optimizer's update computed on its
   own (optax, from the same state and gradient) and the state passed in stays usable; a
@@ -139,11 +165,12 @@ def test_probe_step_reads_every_probe_update_without_taking_the_step(tmp_path):
   import jax
   import jax.numpy as jnp
   import optax
-  from experiments import checkpoints, training
+  from experiments.artifacts import checkpoints
+  from experiments.training import loop as training
   loss_fn = lambda p, b: jnp.sum((b["x"] @ p["w"] - b["y"]) ** 2) + jnp.sum(p["b"] ** 4)
   params = {"w": jnp.linspace(-1.0, 1.0, 12).reshape(4, 3), "b": jnp.arange(3.0)}
   batch = {"x": jnp.ones((5, 4)) * jnp.arange(5.0)[:, None], "y": jnp.ones((5, 3))}
-  tx = trajectory.train_transform("adam", 1e-2, "transformer")
+  tx = probes.train_transform("adam", 1e-2, "transformer")
   state = training.initial_state(tx, params)
   state, _ = training.train_step(loss_fn, tx)(state, batch)  # a history for the moments
   stacked, clips = training.probe_step(loss_fn, tx, lambda s: s.train)(state, batch)
@@ -195,7 +222,7 @@ def test_translation_task_starts_from_a_checkpoint_folder_with_its_tokenizer(tmp
   from optclip.data import tokenization, translation
   from optclip.models import convert
   from experiments import presets, tasks
-  from experiments.run_folder import UsageError
+  from experiments.errors import UsageError
   preset = presets.PRESETS["smoke"]
   pairs, _ = translation.gettext_pairs()
   tokenizer = tokenization.train_tokenizer([t for p in pairs[:400] for t in p], 300)
@@ -212,8 +239,8 @@ def test_translation_task_starts_from_a_checkpoint_folder_with_its_tokenizer(tmp
   assert preset.translation.vocab_size < task.train["input_ids"].max() < 300
   assert np.isfinite(float(task.loss_fn(task.init_params(0), task.test_batch)))
   # Training steps donate their state; the folder's weights must outlive each seed's run.
-  from experiments import convergence
-  from experiments.variants import Variant
+  from experiments.sections import convergence
+  from experiments.training.variants import Variant
   curves = [convergence.train_curve(task, Variant("adam"), 1e-3, seed, epochs=1)
             for seed in (0, 1)]
   assert np.all(np.isfinite(curves))

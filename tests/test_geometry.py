@@ -8,7 +8,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import optclip
-from experiments.figures import (plot_coordinate_histograms, plot_spectral_density,
+from experiments.artifacts.figures import (plot_coordinate_histograms, plot_spectral_density,
                                  spectral_density_curve)
 from optclip import geometry
 

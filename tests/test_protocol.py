@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from experiments import presets, rmed, sharpness, tasks, theory, trajectory
+from experiments import presets, tasks
+from experiments.probing import measurements, probes, trajectory
+from experiments.sections import rmed, sharpness, theory
 
 
 def _rows(data):
@@ -36,7 +38,7 @@ def test_probe_batch_is_a_subset_of_the_training_subset(name, tmp_path):
 
 
 def _probe_record(task, traj, seed, epoch, sharp):
-  labels = [v.label for v in trajectory.PROBES["transformer"]]
+  labels = [v.label for v in probes.PROBES["transformer"]]
   values = np.linspace(0.5, 1.5, len(labels))
   for name, value in sharp.items():
     values[labels.index(name)] = value
@@ -77,9 +79,13 @@ def _mlp():
 
 def test_r_med_equals_the_dense_hessian_diagonal_when_every_coordinate_is_sampled():
   loss, params, batch = _mlp()
-  programs = trajectory.make_programs(loss, ["a", "b"], (0.0, 0.1), 4)
+  programs = measurements.make_programs(loss, ["a", "b"], (0.0, 0.1), 4)
   sample = trajectory.curvature_sample(params, 1000, seed=0)  # more than any leaf: all
-  entries = trajectory._diagonal_entries(programs, params, batch, sample)
+  point = measurements.Point(programs, dict(params=params, probe_batch=batch, sample=sample,
+                                            diagonal_here=True, test_grads=params,
+                                            sgd_update=params), None)
+  measured = measurements.BY_NAME["hessian_diagonal"].run(point)["curvature_sample"]
+  entries = np.concatenate(list(measured["hessian_diagonal"].values()))
   flat, unravel = ravel_pytree(params)
   dense = np.diag(np.asarray(jax.hessian(lambda f: loss(unravel(f), batch))(flat), np.float64))
   dense_tree = unravel(jnp.asarray(dense))
@@ -129,7 +135,7 @@ def test_scaling_ladder_grows_at_the_quick_presets_task_settings():
   """The scale trend's sizes have strictly more parameters, one after the other, once the
   task has set vocabulary and positions (as `tasks.build` does)."""
   import dataclasses
-  from experiments import scaling
+  from experiments.sections import scaling
   from experiments.plan import model_and_batch
   from optclip import models
   for task, sizes in scaling.SIZES.items():

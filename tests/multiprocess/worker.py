@@ -26,7 +26,7 @@ if processes > 1:
                              process_id=process_id)
 
 import optclip  # noqa: E402
-from experiments import checkpoints  # noqa: E402
+from experiments.artifacts import checkpoints  # noqa: E402
 from optclip import sharding  # noqa: E402
 
 

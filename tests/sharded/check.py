@@ -129,7 +129,7 @@ def check_convolution_and_embedding(mesh):
 
 def check_checkpoint_onto_another_mesh(s_params, params, spec):
   """Saved on this mesh, restored onto another shape (orbax reshards on restore)."""
-  from experiments import checkpoints
+  from experiments.artifacts import checkpoints
   other = sharding.mesh_from_spec("data=1,fsdp=8" if spec != "data=1,fsdp=8" else
                                   "data=4,fsdp=2")
   with tempfile.TemporaryDirectory() as out:

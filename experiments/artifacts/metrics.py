@@ -1,0 +1,74 @@
+"""metrics.jsonl: one JSON object per measurement, each with an ``experiment`` and a unique
+``key``; the one source the report is rebuilt from.
+
+JSON has no literal for NaN or infinity, so `experiments.artifacts.run_folder.jsonable`
+writes them as the strings ``"nan"``, ``"inf"`` and ``"-inf"``; `read_metrics` turns them
+back into floats, so every record reads back as written. The fields of every record are
+documented in `experiments.artifacts.records`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from experiments.artifacts.run_folder import jsonable
+
+
+class Metrics:
+  """Append-only metrics.jsonl; a record whose key is already there is not written twice
+  (so a resumed run does not duplicate what it measured before it was killed)."""
+
+  def __init__(self, out: str):
+    self.path = os.path.join(out, "metrics.jsonl")
+    self.records = read_metrics(out)
+    self.keys = {r["key"] for r in self.records}
+
+  def has(self, key: str) -> bool:
+    return key in self.keys
+
+  def get(self, key: str) -> dict:
+    return next(r for r in self.records if r["key"] == key)
+
+  def log(self, experiment: str, key: str, **fields) -> dict:
+    record = jsonable({"experiment": experiment, "key": key, **fields})
+    if key in self.keys:
+      return as_written(record)
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record, sort_keys=True) + "\n")
+      f.flush()
+      os.fsync(f.fileno())
+    record = as_written(record)
+    self.records.append(record)
+    self.keys.add(key)
+    return record
+
+
+NON_FINITE = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}
+
+
+def as_written(value):
+  """A decoded record with the non-finite floats that `jsonable` wrote as strings restored."""
+  if isinstance(value, dict):
+    return {k: as_written(v) for k, v in value.items()}
+  if isinstance(value, list):
+    return [as_written(v) for v in value]
+  if isinstance(value, str) and value in NON_FINITE:
+    return NON_FINITE[value]
+  return value
+
+
+def read_metrics(out: str) -> list:
+  path = os.path.join(out, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  records = []
+  with open(path) as f:
+    for line in f:
+      line = line.strip()
+      if line:
+        try:
+          records.append(as_written(json.loads(line)))
+        except json.JSONDecodeError:
+          continue  # a line cut short by a kill; its measurement is redone on resume
+  return records

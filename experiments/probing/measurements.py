@@ -1,0 +1,461 @@
+"""What a probe point measures: a list of named measurements, run in order.
+
+At a probe point x every probe optimizer's would-be update u is known (the stacked
+``directions``) and everything is measured on the fixed probe batch. Each `Measurement`
+declares what it reads (the point's inputs, or what an earlier measurement produced), what
+it produces for later ones, the record fields it writes, the compiled programs it runs,
+its cost in primitive evaluations (the planner sums these) and the preset setting that
+switches it off. `measure` runs the list and frees every value once the last measurement
+that reads it has run, so the memory order follows from the declarations, not from line
+order: at the paper's sizes the 20 directions take GiBs (9.3 at GPT-Neo-125M) and are gone
+before the attribution makes its modified ones.
+
+Adding a measurement is one entry in `MEASUREMENTS` (and its section in
+`experiments.sections`); the entry documents its record fields, which
+`experiments.artifacts.records` gathers with every other record's.
+
+The point's inputs: ``params`` (x), ``directions`` (K stacked updates, consumed), ``names``
+(their labels), ``probe_batch``, ``key`` (for Lanczos), ``sample`` (the fixed coordinates of
+the Hessian diagonal) and ``diagonal_here`` (whether to take them at this point), and
+``clip_statistics`` (what the clipped probes' clips did in that step).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import optclip
+from optclip import blocks as block_partition
+from optclip import curvature, geometry
+
+ROBUST_DELTA = 0.01  # Appendix B, Eq. (4)
+ATTRIBUTION_FRACTIONS = (0.001, 0.01, 0.05, 0.1, 0.5)
+HISTOGRAM_BINS = 64
+HISTOGRAM_RANGE = (-16.0, 0.0)
+# Inputs that belong to the caller (never freed here); everything else a measurement reads
+# is the point's own and is freed after its last reader.
+CALLER_OWNED = ("params", "probe_batch", "names", "key", "sample", "diagonal_here")
+
+
+class Cost(NamedTuple):
+  """How many primitive evaluations on the probe batch a measurement makes at one point."""
+  forwards: float = 0.0  # loss values
+  gradients: float = 0.0  # value and gradient
+  second_derivatives: float = 0.0  # uᵀ∇²f u along one direction (Taylor or forward mode)
+  hessian_vector_products: float = 0.0
+
+
+class Shape(NamedTuple):
+  """What a point's cost depends on."""
+  directions: int  # K
+  width: int  # directions per second-derivative call
+  steps: int  # landscape step sizes
+  lanczos_iterations: int
+  diagonal_calls: float  # calls of ``width`` exact H_ii at this point
+  blocks: int  # parameter blocks of the block split
+
+
+@dataclasses.dataclass(frozen=True)
+class Measurement:
+  """One named measurement of a probe point (see the module docstring)."""
+  name: str
+  reads: tuple
+  run: Callable  # (Point) -> {field or produced name: value}
+  fields: dict = dataclasses.field(default_factory=dict)  # record field -> what it holds
+  produces: tuple = ()  # values for later measurements
+  programs: tuple = ()  # names of the compiled programs it runs (see `make_programs`)
+  cost: Callable = lambda shape: Cost()  # (Shape) -> Cost
+  off: Callable = lambda preset: None  # (preset) -> why it is switched off, or None
+
+
+class Programs(NamedTuple):
+  """The compiled pieces of a probe, shared by both trajectories and every seed of a task:
+  XLA compiles a few small programs much faster than one large one, and every second
+  derivative (directions, Eq. 4 shifts, attribution, diagonal entries, block splits) runs
+  through one."""
+  first_order: Callable
+  second_derivatives: Callable
+  top_eigenvalue: Callable
+  attribution: Callable
+  landscape: Callable
+  unit_vectors: Callable
+  block_masks: Callable
+  names: list  # the probe directions' labels, in order
+  width: int  # directions per second_derivatives call
+
+
+def make_programs(loss_fn, names, steps, lanczos_iterations) -> Programs:
+  """The probe's compiled pieces for ``loss_fn(params, batch)`` and the probe ``names``."""
+  # One width for every second-derivative call: the probe directions, or the attribution's
+  # modified directions (three sets of fractions) if there are more of those.
+  width = max(len(names), 3 * len(ATTRIBUTION_FRACTIONS))
+  steps = jnp.asarray(steps, jnp.float32)
+
+  @jax.jit
+  def first_order(params, stacked, test_batch):
+    """The probe-batch loss and gradient, Eq. 1's first-order term of every direction and
+    the coordinate histograms of Figure 1."""
+    loss, test_grads = jax.value_and_grad(loss_fn)(params, test_batch)
+    correlation = jax.vmap(lambda u: optclip.gradient_correlation(test_grads, u))(stacked)
+    row = lambda name: jax.tree.map(lambda d: d[names.index(name)], stacked)
+    histograms = {n: geometry.coordinate_histogram(row(n), HISTOGRAM_BINS, HISTOGRAM_RANGE)
+                  for n in ("sgd", "adam", "adafactor") if n in names}
+    return test_grads, {
+        "loss": loss, "projection": correlation.projection, "cosine": correlation.cosine,
+        "inner_product": jax.vmap(lambda u: geometry.tree_dot(test_grads, u))(stacked),
+        "norm": jax.vmap(geometry.tree_norm)(stacked),
+        "histograms": {n: (h[0], h[2]) for n, h in histograms.items()}}
+
+  @jax.jit
+  def second_derivatives(params, stacked, shifts, test_batch):
+    """uᵀ∇²f(x + s·δ·u/‖u‖)u for each of ``width`` (direction u, shift s ∈ {0, 1}): s = 1
+    is Appendix B's Eq. (4). Exact (Taylor mode, as `optclip.directional_sharpness`), one
+    direction at a time: on CPU that is faster than vmapping them, and it keeps one
+    direction's tangents in memory."""
+    test_loss = lambda p: loss_fn(p, test_batch)
+
+    def one(args):
+      u, shift = args
+      scale = shift * ROBUST_DELTA / jnp.maximum(geometry.tree_norm(u), 1e-30)
+      point = jax.tree.map(lambda x, d: (x + scale * d).astype(x.dtype), params, u)
+      return geometry.second_derivative(test_loss, point, u, "auto")
+
+    return jax.lax.map(one, (stacked, shifts))
+
+  @jax.jit
+  def top_eigenvalue(params, test_batch, key):
+    return curvature.top_hessian_eigenvalue(lambda p: loss_fn(p, test_batch), params,
+                                            iters=lanczos_iterations, key=key)
+
+  @jax.jit
+  def attribution(params, sgd_update, test_grads, test_batch):
+    """SGD's sharpness and its attribution to the top coordinates by |u| and by |g|; the
+    modified directions (u without its top by |u|, u clipped, u without its top by |g|;
+    then zero directions up to ``width``) come back for `second_derivatives`."""
+    hvp = curvature.hessian_vector_product(lambda p: loss_fn(p, test_batch), params,
+                                           sgd_update)
+    share, norm_share, modified = geometry.attribution_terms(sgd_update, hvp,
+                                                             ATTRIBUTION_FRACTIONS)
+    share_g, norm_share_g, modified_g = geometry.attribution_terms(
+        sgd_update, hvp, ATTRIBUTION_FRACTIONS, select_by=test_grads)
+    count = len(ATTRIBUTION_FRACTIONS)
+    # Padded here to `width` with zero directions, so that no padded copy is made later.
+    modified = jax.tree.map(lambda a, b: jnp.concatenate(
+        [a, b[:count], jnp.zeros((width - 3 * count,) + a.shape[1:], a.dtype)]), modified,
+        modified_g)
+    sharpness = geometry.tree_dot(sgd_update, hvp) / geometry.tree_dot(sgd_update, sgd_update)
+    return (sharpness, share, norm_share, share_g, norm_share_g,
+            jax.vmap(lambda u: geometry.tree_dot(u, u))(modified), modified)
+
+  @jax.jit
+  def landscape(params, stacked, test_batch):
+    return optclip.landscape(lambda p: loss_fn(p, test_batch), params, stacked, steps)
+
+  @jax.jit
+  def unit_vectors(params, leaf_ids, flat_indices):
+    """Unit vectors e_i shaped like params, stacked, at (leaf, flat index) pairs."""
+    rows = jnp.arange(leaf_ids.shape[0])
+    return jax.tree.unflatten(jax.tree.structure(params), [
+        jnp.zeros((rows.shape[0], leaf.size), leaf.dtype).at[rows, flat_indices].set(
+            (leaf_ids == n).astype(leaf.dtype)).reshape((-1,) + leaf.shape)
+        for n, leaf in enumerate(jax.tree.leaves(params))])
+
+  @jax.jit
+  def block_masks(stacked, rows, keep):
+    """Directions ``stacked[rows[j]]`` with only the leaves ``keep[j]`` marks (one flag per
+    leaf) left, the others zero: the parts u_b of the block split."""
+    return jax.tree.unflatten(jax.tree.structure(stacked), [
+        jnp.where(keep[:, n].reshape((-1,) + (1,) * (d.ndim - 1)), d[rows], 0).astype(d.dtype)
+        for n, d in enumerate(jax.tree.leaves(stacked))])
+
+  return Programs(first_order, second_derivatives, top_eigenvalue, attribution, landscape,
+                  unit_vectors, block_masks, list(names), width)
+
+
+def _pad(stacked, count):
+  """``stacked`` (k directions) padded with zero directions to ``count`` (no copy at k =
+  ``count``: at GPT-Neo-125M the 20 directions take 9.3 GiB)."""
+  return jax.tree.map(lambda d: d if d.shape[0] == count else jnp.concatenate(
+      [d, jnp.zeros((count - d.shape[0],) + d.shape[1:], d.dtype)]), stacked)
+
+
+class Point(NamedTuple):
+  """What a measurement's ``run`` receives: the programs, the values it may read, the
+  preset."""
+  programs: Programs
+  values: dict
+  preset: object
+
+  def __getitem__(self, name):
+    return self.values[name]
+
+  def second(self, directions, shifts=()):
+    """Second derivatives along ``directions`` padded to ``width`` (shifted where told)."""
+    width = self.programs.width
+    padded = np.zeros(width, np.float32)
+    padded[:len(shifts)] = shifts
+    values = self.programs.second_derivatives(self["params"], _pad(directions, width),
+                                              jnp.asarray(padded), self["probe_batch"])
+    return np.asarray(values, np.float64)
+
+
+# --- the measurements, in the order they run -----------------------------------------------
+
+def _first_order(point: Point) -> dict:
+  test_grads, measured = point.programs.first_order(point["params"], point["directions"],
+                                                    point["probe_batch"])
+  measured = jax.device_get(measured)
+  return {**measured, "test_grads": test_grads,
+          "norm_sq": np.asarray(measured["norm"], np.float64) ** 2}
+
+
+def _sharpness(point: Point) -> dict:
+  count, norm_sq = len(point["names"]), point["norm_sq"]
+  with np.errstate(divide="ignore", invalid="ignore"):  # a zero direction: undefined
+    raw = point.second(point["directions"])[:count] / norm_sq
+  shifted = raw < 0
+  robust = raw.copy()
+  if shifted.any():  # Appendix B, Eq. (4): re-evaluated at x + δu/‖u‖
+    robust[shifted] = (point.second(point["directions"], shifted)[:count] / norm_sq)[shifted]
+  return {"sharpness": raw, "sharpness_robust": robust, "shifted": shifted}
+
+
+def _landscape(point: Point) -> dict:
+  return {"landscape": np.asarray(point.programs.landscape(
+      point["params"], point["directions"], point["probe_batch"]))}
+
+
+def block_labels(params) -> list:
+  """The block of every leaf of ``params`` (by kind: embedding, query/key, value/output, MLP,
+  norm, head), in leaf order, and the blocks in order of first appearance."""
+  labels = jax.tree.leaves(block_partition.partition(params, by="kind"))
+  return labels, list(dict.fromkeys(labels))
+
+
+def _block_sharpness(point: Point) -> dict:
+  """u_bᵀ∇²f u_b / ‖u‖² for every direction u and block b (u_b: u on b's leaves only), and
+  the cross terms' share 1 − Σ_b u_bᵀ∇²f u_b / uᵀ∇²f u."""
+  programs, names = point.programs, point["names"]
+  labels, blocks = block_labels(point["params"])
+  pairs = [(k, b) for k in range(len(names)) for b in range(len(blocks))]
+  values = np.zeros((len(names), len(blocks)))
+  for start in range(0, len(pairs), programs.width):
+    chunk = pairs[start:start + programs.width]
+    rows = np.zeros(programs.width, np.int32)
+    keep = np.zeros((programs.width, len(labels)), bool)
+    for j, (k, b) in enumerate(chunk):
+      rows[j] = k
+      keep[j] = [label == blocks[b] for label in labels]
+    parts = programs.block_masks(point["directions"], jnp.asarray(rows), jnp.asarray(keep))
+    second = point.second(parts)[:len(chunk)]
+    del parts
+    for (k, b), value in zip(chunk, second):
+      values[k, b] = value
+  with np.errstate(divide="ignore", invalid="ignore"):  # a zero direction: undefined
+    diagonal = values / point["norm_sq"][:, None]
+    cross = 1.0 - diagonal.sum(axis=1) / point["sharpness"]
+  return {"block_sharpness": {"blocks": blocks, "diagonal": diagonal, "cross_share": cross}}
+
+
+def _sgd_direction(point: Point) -> dict:
+  names = point["names"]
+  return {"sgd_update": jax.tree.map(lambda d: d[names.index("sgd")], point["directions"])}
+
+
+def _attribution(point: Point) -> dict:
+  (sgd_sharpness, share, norm_share, share_g, norm_share_g, modified_norm_sq,
+   modified) = point.programs.attribution(point["params"], point["sgd_update"],
+                                          point["test_grads"], point["probe_batch"])
+  fractions = len(ATTRIBUTION_FRACTIONS)
+  with np.errstate(divide="ignore", invalid="ignore"):  # nothing left after removal: undefined
+    attributed = (point.second(modified)[:3 * fractions]
+                  / np.asarray(modified_norm_sq, np.float64)[:3 * fractions])
+  del modified
+  return {"attribution": {
+      "fractions": list(ATTRIBUTION_FRACTIONS), "sharpness": float(sgd_sharpness),
+      "share": share, "norm_share": norm_share, "share_by_gradient": share_g,
+      "norm_share_by_gradient": norm_share_g,
+      "sharpness_without": attributed[:fractions],
+      "sharpness_clipped": attributed[fractions:2 * fractions],
+      "sharpness_without_by_gradient": attributed[2 * fractions:]}}
+
+
+def _diagonal_entries(point: Point, sample) -> np.ndarray:
+  """Exact H_ii at the sampled coordinates, ``width`` unit vectors per call."""
+  programs = point.programs
+  leaf_ids = np.concatenate([np.full(len(i), n) for n, i in enumerate(sample.values())])
+  flat = np.concatenate(list(sample.values()))
+  width, values = programs.width, []
+  for start in range(0, len(flat), width):
+    count = min(width, len(flat) - start)
+    ids, index = np.full(width, -1, np.int32), np.zeros(width, np.int32)
+    ids[:count], index[:count] = leaf_ids[start:start + count], flat[start:start + count]
+    units = programs.unit_vectors(point["params"], jnp.asarray(ids), jnp.asarray(index))
+    values.append(np.asarray(programs.second_derivatives(
+        point["params"], units, jnp.zeros(width, jnp.float32), point["probe_batch"]))[:count])
+  return np.concatenate(values) if values else np.zeros(0)
+
+
+def _hessian_diagonal(point: Point) -> dict:
+  """Exact H_ii at the fixed sample of coordinates (where the preset takes them at this
+  point; otherwise the sample's layout with no entries), with the probe-batch gradient and
+  SGD's update at the same coordinates (R_med, Section 4.2)."""
+  sample, params = point["sample"], point["params"]
+  if not point["diagonal_here"]:
+    sample = {name: index[:0] for name, index in sample.items()}
+  diagonal = _diagonal_entries(point, sample)
+  bounds = np.cumsum([0] + [len(i) for i in sample.values()])
+
+  def per_leaf(values):
+    return {name: np.asarray(values[a:b]).tolist()
+            for name, a, b in zip(sample, bounds[:-1], bounds[1:])}
+
+  def at_sample(tree):
+    return np.concatenate([np.asarray(leaf).reshape(-1)[i]
+                           for leaf, i in zip(jax.tree.leaves(tree), sample.values())])
+
+  return {"curvature_sample": {
+      "leaf_shapes": {n: list(np.shape(l)) for n, l in zip(sample, jax.tree.leaves(params))},
+      "hessian_diagonal": per_leaf(diagonal),
+      "gradient": per_leaf(at_sample(jax.device_get(point["test_grads"]))),
+      "sgd_update": per_leaf(at_sample(jax.device_get(point["sgd_update"])))}}
+
+
+def _lambda_max(point: Point) -> dict:
+  return {"lambda_max": float(point.programs.top_eigenvalue(point["params"],
+                                                            point["probe_batch"],
+                                                            point["key"]))}
+
+
+def _clip(point: Point) -> dict:
+  return {"clip": jax.device_get(point["clip_statistics"])}
+
+
+MEASUREMENTS = (
+    Measurement(
+        "first_order", ("params", "directions", "probe_batch", "names"), _first_order,
+        fields={"loss": "the probe-batch loss at x",
+                "projection": "per direction: ⟨∇f, u⟩/‖u‖ (Eq. 1's first-order term)",
+                "cosine": "per direction: cos(∇f, u)",
+                "inner_product": "per direction: ⟨∇f, u⟩",
+                "norm": "per direction: ‖u‖",
+                "histograms": "{sgd, adam, adafactor: (counts of log10 |u_i| in 64 bins, "
+                              "exact zeros)}"},
+        produces=("test_grads", "norm_sq"), programs=("first_order",),
+        cost=lambda s: Cost(gradients=1)),
+    Measurement(
+        "sharpness", ("params", "directions", "probe_batch", "names", "norm_sq"), _sharpness,
+        fields={"sharpness": "per direction: uᵀ∇²f(x)u/‖u‖², exact (Taylor mode), raw",
+                "sharpness_robust": "per direction: Eq. 4's value at x + δu/‖u‖ where the raw "
+                                    "one is negative, else the raw one",
+                "shifted": "per direction: whether the raw value was negative"},
+        produces=("sharpness",), programs=("second_derivatives",),
+        # the raw values and, where some are negative, Eq. 4's shifted ones
+        cost=lambda s: Cost(second_derivatives=2 * s.width)),
+    Measurement(
+        "landscape", ("params", "directions", "probe_batch"), _landscape,
+        fields={"landscape": "K × S: the probe-batch loss at x + s·u/‖u‖"},
+        programs=("landscape",), cost=lambda s: Cost(forwards=s.directions * s.steps),
+        off=lambda p: None if len(p.landscape_steps) > 1 else "landscape_steps=(0.0,)"),
+    Measurement(
+        "block_sharpness", ("params", "directions", "probe_batch", "names", "norm_sq",
+                            "sharpness"), _block_sharpness,
+        fields={"block_sharpness": "{blocks: the parameter blocks by kind, diagonal: K × B "
+                                   "values u_bᵀ∇²f u_b/‖u‖², cross_share: per direction "
+                                   "1 − Σ_b diagonal / sharpness}"},
+        programs=("block_masks", "second_derivatives"),
+        cost=lambda s: Cost(second_derivatives=s.width * -(-s.directions * s.blocks
+                                                           // s.width))),
+    Measurement("sgd_direction", ("directions", "names"), _sgd_direction,
+                produces=("sgd_update",)),
+    Measurement(
+        "attribution", ("params", "sgd_update", "test_grads", "probe_batch"), _attribution,
+        fields={"attribution": "SGD's direction: {fractions, sharpness, share (of uᵀHu carried "
+                               "by the top fraction by |u|), norm_share, share_by_gradient, "
+                               "norm_share_by_gradient, sharpness_without (top by |u| "
+                               "removed), sharpness_clipped, sharpness_without_by_gradient}, "
+                               "per fraction"},
+        programs=("attribution", "second_derivatives"),
+        cost=lambda s: Cost(hessian_vector_products=1, second_derivatives=s.width)),
+    Measurement(
+        "hessian_diagonal", ("params", "probe_batch", "sample", "diagonal_here", "test_grads",
+                             "sgd_update"), _hessian_diagonal,
+        fields={"curvature_sample": "{leaf_shapes, hessian_diagonal: {leaf: exact H_ii at the "
+                                    "sampled coordinates}, gradient, sgd_update: the same "
+                                    "coordinates of the probe-batch gradient and of SGD's "
+                                    "direction}"},
+        programs=("unit_vectors", "second_derivatives"),
+        cost=lambda s: Cost(second_derivatives=s.width * s.diagonal_calls),
+        off=lambda p: None if p.curvature_samples > 0 else "curvature_samples=0"),
+    Measurement(
+        "lambda_max", ("params", "probe_batch", "key"), _lambda_max,
+        fields={"lambda_max": "λ_max of the probe-batch Hessian (Lanczos)"},
+        programs=("top_eigenvalue",),
+        cost=lambda s: Cost(hessian_vector_products=s.lanczos_iterations),
+        off=lambda p: None if p.lanczos_iterations > 0 else "lanczos_iterations=0"),
+    Measurement(
+        "clip", ("clip_statistics",), _clip,
+        fields={"clip": "{clipped probe: {threshold, clipped_fraction, norm_before, "
+                        "norm_after}} of the step the directions come from"}),
+)
+BY_NAME = {m.name: m for m in MEASUREMENTS}
+
+
+def off_reason(measurement: Measurement, preset) -> str | None:
+  """Why ``preset`` switches ``measurement`` off (its own setting, or the preset's
+  ``skip_measurements``), or None."""
+  if measurement.name in getattr(preset, "skip_measurements", ()):
+    return f"skip_measurements={tuple(preset.skip_measurements)}"
+  return measurement.off(preset)
+
+
+def active(preset, measurements=MEASUREMENTS) -> list:
+  """The measurements ``preset`` leaves switched on, in order."""
+  return [m for m in measurements if off_reason(m, preset) is None]
+
+
+def _release(value) -> None:
+  """Frees the device buffers of a value the point no longer needs."""
+  for leaf in jax.tree.leaves(value):
+    if isinstance(leaf, jax.Array) and not leaf.is_deleted():
+      leaf.delete()
+
+
+def measure(programs: Programs, inputs: dict, preset, measurements=MEASUREMENTS) -> dict:
+  """Runs the switched-on ``measurements`` at one point; returns their record fields.
+
+  ``inputs`` are the point's inputs (see the module docstring); ``directions`` is consumed.
+  A value is dropped (its device buffers freed, unless the caller owns it) right after the
+  last measurement that reads it.
+  """
+  chosen = active(preset, measurements)
+  last_reader = {}
+  for index, m in enumerate(chosen):
+    for name in m.reads:
+      last_reader[name] = index
+  values, record = dict(inputs), {}
+  for index, m in enumerate(chosen):
+    missing = [name for name in m.reads if name not in values]
+    if missing:
+      raise ValueError(f"measurement {m.name!r} reads {missing}, which no input or earlier "
+                       "measurement provides")
+    out = m.run(Point(programs, values, preset))
+    record.update({field: out[field] for field in m.fields})
+    values.update({name: out[name] for name in m.produces})
+    for name in [n for n, last in last_reader.items() if last == index]:
+      value = values.pop(name)
+      if name not in CALLER_OWNED:
+        _release(value)
+  return record
+
+
+def point_cost(shape: Shape, preset, measurements=MEASUREMENTS) -> Cost:
+  """The summed `Cost` of the switched-on measurements at one point of ``shape``."""
+  costs = [m.cost(shape) for m in active(preset, measurements)]
+  return Cost(*(sum(c[i] for c in costs) for i in range(len(Cost._fields))))
+

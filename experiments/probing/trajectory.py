@@ -1,0 +1,182 @@
+"""One training trajectory with pseudo-update probes (Appendix B.3), shared by the sharpness,
+landscape, histogram, rmed and resnet experiments.
+
+Training follows SGD-momentum or Adam, itself one of the probe optimizers
+(`optclip.probes.following`): every step's gradient goes to the states of all probe
+optimizers, whose updates are computed but never applied except the followed one's. At the
+end of each probe epoch the point x is frozen, each probe optimizer's would-be update at x is
+formed from the gradient of the next training batch, and everything in
+`experiments.probing.measurements` is measured on the fixed probe batch (Appendix B.3's
+"test batch"). One record per probe point goes to metrics.jsonl; the training state is saved
+with orbax at every probe point, so ``--resume`` continues from the last one.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import numpy as np
+
+import optclip
+from experiments.artifacts import checkpoints
+from experiments.probing import measurements
+from experiments.probing.probes import PROBES, TRAJECTORIES, train_transform
+from experiments.training import loop
+
+EXPERIMENT = "trajectory"
+TRANSFORMER_TASKS = ("translation", "code")
+
+
+@functools.lru_cache(maxsize=None)
+def _train_step(model, kind, mesh=None):
+  """The jitted training step of every trajectory, rate and seed of a task (they differ only
+  in the state): one compile."""
+  return loop.train_step(loop.model_loss(model, mesh),
+                         train_transform(TRAJECTORIES[0], 1.0, kind))
+
+
+@functools.lru_cache(maxsize=None)
+def _probe_step(model, kind, mesh=None):
+  """The directions at a probe point: every probe's update of the next step (not taken),
+  and what the clipped probes' clips did in it."""
+  tx = train_transform(TRAJECTORIES[0], 1.0, kind)
+  return loop.probe_step(loop.model_loss(model, mesh), tx,
+                             functools.partial(_clip_statistics, names=tuple(tx.probes)))
+
+
+@functools.lru_cache(maxsize=None)
+def _programs(model, kind, steps, lanczos_iterations, mesh=None) -> measurements.Programs:
+  return measurements.make_programs(loop.model_loss(model, mesh),
+                                    [v.label for v in PROBES[kind]], steps, lanczos_iterations)
+
+
+def curvature_sample(params, size: int, seed: int) -> dict:
+  """A fixed random sample of ``size`` coordinates per leaf (all of a smaller leaf), drawn
+  once from the seed: {leaf path: sorted flat indices}."""
+  rng = np.random.default_rng([seed, 2002])
+  sample = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    count = min(size, leaf.size)
+    sample[jax.tree_util.keystr(path)] = np.sort(rng.choice(leaf.size, count, replace=False))
+  return sample
+
+
+def _clip_statistics(opt_state, names) -> dict:
+  """{label: what its clip did} for the clipped probes (the clip of this probe's update)."""
+  out = {}
+  for name in names:
+    clips = [c for c in jax.tree.leaves(opt_state.probes[name],
+                                        is_leaf=lambda x: isinstance(x, optclip.CoordClipState))
+             if isinstance(c, optclip.CoordClipState)]
+    if clips:
+      out[name] = {f: getattr(clips[0], f) for f in ("threshold", "clipped_fraction",
+                                                     "norm_before", "norm_after")}
+  return out
+
+
+def _fills_memory(*trees) -> bool:
+  """Whether ``trees`` take more than half of what a device holds (an accelerator's
+  allocator limit; the host's RAM on CPU, where all devices share it), leaving too little
+  for the probe programs."""
+  device = jax.local_devices()[0]
+  limit = (device.memory_stats() or {}).get("bytes_limit")
+  held = sum(shard.data.nbytes for leaf in jax.tree.leaves(trees)
+             for shard in leaf.addressable_shards)
+  if limit is None:
+    limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  else:
+    held /= len(jax.local_devices())
+  return held > limit / 2
+
+
+def run(ctx, task, trajectory: str, seed: int, *, kind: str = "transformer",
+        epochs: int | None = None, probe_epochs=None, learning_rate: float | None = None,
+        model_name: str | None = None) -> None:
+  """Trains one (task, trajectory, seed) unit and logs a record per probe epoch
+  (``model_name``, where given, joins the unit's name and records).
+
+  With a mesh in ``ctx``, parameters and optimizer states are FSDP-sharded over its ``fsdp``
+  axis and batches split over ``data``; checkpoints restore onto whatever mesh is given.
+  """
+  from optclip import sharding
+  preset, metrics = ctx.preset, ctx.metrics
+  epochs = epochs or preset.epochs
+  probe_epochs = tuple(probe_epochs or preset.probe_epochs)
+  learning_rate = learning_rate or preset.trajectory_learning_rates[trajectory]
+  unit = "-".join([kind, task.name] + ([model_name] if model_name else [])
+                  + [trajectory, f"seed{seed}"])
+  if metrics.has(f"{unit}/done"):
+    return
+  context, place, place_batch = sharding.placement(ctx.mesh)
+  fields = dict(kind=kind, task=task.name, trajectory=trajectory, seed=seed,
+                **({"model": model_name} if model_name else {}))
+  with context:
+    step = _train_step(task.model, kind, ctx.mesh)
+    directions = _probe_step(task.model, kind, ctx.mesh)
+    programs = _programs(task.model, kind, tuple(preset.landscape_steps),
+                         preset.lanczos_iterations, ctx.mesh)
+    tx = train_transform(trajectory, learning_rate, kind)
+    names = list(tx.probes)
+    params = task.init_params(seed)
+    sample = curvature_sample(params, preset.curvature_samples, seed)
+    state = loop.initial_state(tx, params, place)
+    test_batch = place_batch(task.test_batch)
+    if not metrics.has(f"{unit}/epoch0/start"):
+      start_loss = loop.model_loss(task.model, ctx.mesh)(state.params, test_batch)
+      metrics.log(EXPERIMENT, f"{unit}/epoch0/start", **fields, epoch=0,
+                  probe_loss=float(start_loss), learning_rate=learning_rate,
+                  parameters=int(sum(np.size(x) for x in jax.tree.leaves(params))))
+
+    def on_epoch_end(epoch, state, train_loss):
+      metrics.log(EXPERIMENT, f"{unit}/epoch{epoch}/train", **fields, epoch=epoch,
+                  train_loss=train_loss)
+      if epoch in probe_epochs:
+        # The directions: the step on the next training batch from x, not taken (the
+        # trajectory itself goes on unchanged).
+        next_batch = place_batch(next(task.epoch_batches(seed, epoch)))
+        stacked, clip_statistics = directions(state, next_batch)
+        # The probe reads only the parameters: where the optimizer states would crowd the
+        # probe programs out of memory (GPT-Neo-125M's 20 probe states on a 24 GiB host),
+        # they wait on disk meanwhile; they come back bit for bit.
+        bring_back = (checkpoints.set_aside(ctx.out, unit, state.opt_state)
+                      if _fills_memory(state, stacked) else None)
+        key = jax.random.fold_in(jax.random.PRNGKey(seed), epoch)
+        inputs = dict(params=state.params, directions=stacked, names=names,
+                      probe_batch=test_batch, key=key, sample=sample,
+                      diagonal_here=(preset.curvature_at == "every"
+                                     or epoch == probe_epochs[-1]),
+                      clip_statistics=clip_statistics)
+        del stacked  # measured, then freed by `measure`
+        result = measurements.measure(programs, inputs, preset)
+        metrics.log(EXPERIMENT, f"{unit}/epoch{epoch}/probe", **fields, epoch=epoch,
+                    algorithms=names, step_sizes=list(preset.landscape_steps),
+                    histogram_range=list(measurements.HISTOGRAM_RANGE), **result)
+        if bring_back is not None:
+          return loop.TrainState(state.params, bring_back())
+      return None
+
+    loop.run_epochs(step, state, lambda epoch: task.epoch_batches(seed, epoch), epochs,
+                    steps_per_epoch=task.batches_per_epoch, place_batch=place_batch,
+                    checkpointing=ctx.checkpointing(unit, probe_epochs),
+                    on_epoch_end=on_epoch_end, description=f"{task.name} {trajectory} seed {seed}")
+  metrics.log(EXPERIMENT, f"{unit}/done", **fields)
+  checkpoints.discard(ctx.out, unit)
+
+
+def checkpoint_bytes(task, kind: str = "transformer") -> int:
+  """Bytes of one saved step of a unit of ``task``: parameters and every probe optimizer's
+  state, as `jax.eval_shape` gives them (nothing is allocated)."""
+  state = jax.eval_shape(lambda: loop.initial_state(
+      train_transform(TRAJECTORIES[0], 1.0, kind), task.init_params(0)))
+  return loop.tree_bytes(state)
+
+
+def run_transformer_units(ctx) -> None:
+  """Both trajectories of both transformer tasks, every seed (what the probe sections read)."""
+  for task_name in TRANSFORMER_TASKS:
+    for seed in ctx.seeds:
+      task = ctx.task(task_name, seed)
+      for name in TRAJECTORIES:
+        run(ctx, task, name, seed)
