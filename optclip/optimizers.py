@@ -404,20 +404,31 @@ def scale_by_clipped_adafactor(
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _relative_step_size(eps2: float = 1e-3) -> optax.GradientTransformation:
-  """Multiplies updates by -α_t = -max(ε₂, RMS(x_{t-1})) · min(1e-2, 1/sqrt(t)) per leaf."""
+def _adafactor_step_size(learning_rate, eps2: float, multiply_by_parameter_scale: bool
+                         ) -> optax.GradientTransformation:
+  """Multiplies updates by -α_t = -ρ_t · max(ε₂, RMS(x_{t-1})) per leaf (the scale only with
+  ``multiply_by_parameter_scale``), where ρ_t is the learning rate (a float or a schedule of
+  the step count) or, for ``learning_rate=None``, the relative step min(10⁻², 1/sqrt(t))."""
   def init_fn(params):
     del params
     return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
 
   def update_fn(updates, state, params=None):
-    if params is None:
-      raise ValueError("adafactor with learning_rate=None (relative step sizes) needs "
-                       "`params` in update()")
+    if multiply_by_parameter_scale and params is None:
+      raise ValueError("adafactor scales its step by the parameters' RMS and needs `params` "
+                       "in update() (or pass multiply_by_parameter_scale=False)")
     count = optax.safe_increment(state.count)
-    rho = jnp.minimum(1e-2, 1.0 / jnp.sqrt(count.astype(jnp.float32)))
-    updates = jax.tree.map(
-        lambda u, p: (-jnp.maximum(eps2, _rms(p)) * rho * u).astype(u.dtype), updates, params)
+    if learning_rate is None:
+      rho = jnp.minimum(1e-2, 1.0 / jnp.sqrt(count.astype(jnp.float32)))
+    elif callable(learning_rate):
+      rho = learning_rate(state.count)
+    else:
+      rho = learning_rate
+    if multiply_by_parameter_scale:
+      updates = jax.tree.map(
+          lambda u, p: (-jnp.maximum(eps2, _rms(p)) * rho * u).astype(u.dtype), updates, params)
+    else:
+      updates = jax.tree.map(lambda u: (-rho * u).astype(u.dtype), updates)
     return updates, optax.ScaleByScheduleState(count=count)
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -428,38 +439,47 @@ def adafactor(learning_rate: Optional[ScalarOrSchedule] = None, *,
               clipping_threshold: Optional[float] = 1.0, momentum: Optional[float] = None,
               dtype_momentum: Any = jnp.float32, eps: float = 1e-30, factored: bool = True,
               weight_decay_rate: Optional[float] = None, weight_decay_mask: Any = None,
-              eps2: float = 1e-3) -> optax.GradientTransformation:
+              eps2: float = 1e-3, multiply_by_parameter_scale: bool = True
+              ) -> optax.GradientTransformation:
   """Adafactor with coordinate-wise clipping of the numerator (Algorithms 7 and 8).
 
-    x_t = x_{t-1} - α_t Û_t   (Û_t from `scale_by_clipped_adafactor`)
+    x_t = x_{t-1} - α_t Û_t   (Û_t from `scale_by_clipped_adafactor`),
+    α_t = ρ_t · max(ε₂, RMS(x_{t-1}))
 
-  with the paper's relative step α_t = max(ε₂, RMS(x_{t-1})) · min(10⁻², 1/sqrt(t)) when
-  ``learning_rate`` is None, and α_t = learning_rate otherwise (the paper's "fixed learning
-  rate in place of α_t", Appendix B.2). Constants default to the paper's: β̂₂ₜ = 1 - t^-0.8,
+  per leaf, with the paper's relative step ρ_t = min(10⁻², 1/sqrt(t)) when ``learning_rate``
+  is None and ρ_t = learning_rate otherwise (the paper's "fixed learning rate in place of
+  α_t", Appendix B.2). A fixed rate is still multiplied by max(ε₂, RMS(x_{t-1})), as the
+  paper's code does (``torch_optimizer/adafactor.py``: ``scale_parameter=True``) and as
+  `optax.adafactor` does (``multiply_by_parameter_scale=True``); pass
+  ``multiply_by_parameter_scale=False`` for α_t = ρ_t. Constants default to the paper's:
+  β̂₂ₜ = 1 - t^-0.8,
   ε₁ = 1e-30, ε₂ = 1e-3, d = 1; every matrix (leaf with 2+ axes, factored over the last two)
   keeps row and column statistics, vectors a full second moment. Arguments that mean the
   same as `optax.adafactor`'s carry its names (``decay_rate``, ``decay_offset``,
   ``clipping_threshold``, ``momentum``, ``dtype_momentum``, ``eps`` = ε₁, ``factored``,
-  ``weight_decay_rate``, ``weight_decay_mask``); optax factors only axes of 128 or more and
-  scales by the parameters' RMS at any learning rate, the paper does neither.
+  ``weight_decay_rate``, ``weight_decay_mask``, ``multiply_by_parameter_scale``); optax
+  factors only axes of 128 or more, the paper factors every matrix.
 
   Args:
-    learning_rate: None for relative step sizes (then `update` needs ``params``), or η.
+    learning_rate: None for relative step sizes, or η (a float or an `optax.Schedule`).
     clip: fraction of gradient coordinates clipped in the numerator (paper: 0.5), or None.
     decay_rate, decay_offset, clipping_threshold, eps, factored: see above.
     momentum, dtype_momentum: optional β₁ on the update and its accumulator's dtype (the
       paper's boxes have none).
     weight_decay_rate, weight_decay_mask: decoupled weight decay, as in `optax.adafactor`
       (added after the step size).
-    eps2: ε₂ of the relative step size.
+    eps2: ε₂ of the parameter scale.
+    multiply_by_parameter_scale: multiply the step by max(ε₂, RMS(x_{t-1})) (then `update`
+      needs ``params``).
 
   Returns:
     An `optax.GradientTransformation`.
 
   Example:
     >>> import jax.numpy as jnp, optclip
-    >>> tx = optclip.adafactor(1e-2)
-    >>> updates, _ = tx.update(jnp.array([4., -1.]), tx.init(jnp.zeros(2)))
+    >>> tx = optclip.adafactor(1e-2)  # the step: 1e-2 · max(1e-3, RMS(x)) = 1e-2 at x = (1, 1)
+    >>> params = jnp.ones(2)
+    >>> updates, _ = tx.update(jnp.array([4., -1.]), tx.init(params), params)
     >>> updates
     Array([-0.01,  0.01], dtype=float32)
 
@@ -470,8 +490,7 @@ def adafactor(learning_rate: Optional[ScalarOrSchedule] = None, *,
       clip=clip, decay_rate=decay_rate, decay_offset=decay_offset, eps=eps,
       clipping_threshold=clipping_threshold, momentum=momentum, dtype_momentum=dtype_momentum,
       factored=factored)
-  step = (_relative_step_size(eps2) if learning_rate is None
-          else optax.scale_by_learning_rate(learning_rate))
+  step = _adafactor_step_size(learning_rate, eps2, multiply_by_parameter_scale)
   decay = ([] if weight_decay_rate is None else
            [optax.add_decayed_weights(-weight_decay_rate, weight_decay_mask)])
   return optax.chain(direction, step, *decay)

@@ -82,8 +82,10 @@ def lion(grads_seq, lr, b1, b2, fraction, update_fraction):
   return out
 
 
-def adafactor(grads_seq, params_seq, lr, fraction, eps1=1e-30, eps2=1e-3, d=1.0):
-  """Algorithms 7 (matrices: ndim == 2) and 8 (vectors) of the paper."""
+def adafactor(grads_seq, params_seq, lr, fraction, eps1=1e-30, eps2=1e-3, d=1.0, scale=True):
+  """Algorithms 7 (matrices: ndim == 2) and 8 (vectors) of the paper; a fixed ``lr`` is
+  multiplied by max(eps2, RMS(x)) where ``scale`` (the paper's code, torch_optimizer/
+  adafactor.py: ``lr = param_scale * rel_step_sz`` with ``scale_parameter=True``)."""
   state = []
   for g in grads_seq[0]:
     if g.ndim == 2:
@@ -109,10 +111,8 @@ def adafactor(grads_seq, params_seq, lr, fraction, eps1=1e-30, eps2=1e-3, d=1.0)
         v_hat = v
       u = gh / np.sqrt(v_hat)
       u = u / max(1.0, math.sqrt(np.mean(u ** 2)) / d)
-      if lr is None:
-        alpha = max(eps2, math.sqrt(np.mean(np.square(np.asarray(p, np.float64))))) * rho
-      else:
-        alpha = lr
+      rms = math.sqrt(np.mean(np.square(np.asarray(p, np.float64))))
+      alpha = (rho if lr is None else lr) * (max(eps2, rms) if scale else 1.0)
       step.append(-alpha * u)
     out.append(step)
   return out

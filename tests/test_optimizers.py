@@ -63,8 +63,12 @@ CASES = {
              lambda g, p, c, cu: oracles.lion(g, 0.1, 0.9, 0.99, c, cu)),
     "adafactor_relative": (lambda c, cu: optclip.adafactor(None, clip=c),
                            lambda g, p, c, cu: oracles.adafactor(g, p, None, c)),
+    # A fixed rate is multiplied by max(ε₂, RMS(x)) as the paper's code does, unless asked not.
     "adafactor_fixed": (lambda c, cu: optclip.adafactor(0.05, clip=c),
                         lambda g, p, c, cu: oracles.adafactor(g, p, 0.05, c)),
+    "adafactor_fixed_unscaled": (
+        lambda c, cu: optclip.adafactor(0.05, clip=c, multiply_by_parameter_scale=False),
+        lambda g, p, c, cu: oracles.adafactor(g, p, 0.05, c, scale=False)),
 }
 CLIPS = [(None, None), (0.1, None), (0.5, None), (1.0, None), (None, 0.5), (0.3, 0.5)]
 
@@ -150,6 +154,8 @@ def test_schedule_learning_rate_and_no_recompile(name):
       "lion": lambda: optclip.lion(schedule, clip_update=0.5),
       "adafactor_relative": lambda: optclip.adafactor(None, clip=0.5),
       "adafactor_fixed": lambda: optclip.adafactor(schedule, clip=0.5),
+      "adafactor_fixed_unscaled": lambda: optclip.adafactor(
+          schedule, clip=0.5, multiply_by_parameter_scale=False),
   }
   tx = factories[name]()
   traces = []
