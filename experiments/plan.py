@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 
 import optclip.models as models
-from experiments.presets import TABLE3_LEARNING_RATES
 from experiments.probing import measurements, probes
+from experiments.sections import convergence
 from experiments.training import loop as training
 from experiments.training.loop import tree_bytes
 from experiments.training.variants import Variant
@@ -210,9 +210,12 @@ def plan(preset, seeds: int, mesh=None) -> list:
         name, preset, mesh, spec_of, "transformer", seeds * 2 * preset.epochs,
         2 * points(preset.probe_epochs))))
   for name in ("translation", "code"):
-    variants = TABLE3_LEARNING_RATES[name]
-    runs = sum(len(preset.convergence_lr_multipliers) + len(range(seeds - 1))
-               if rate is not None else seeds for rate in variants.values())
+    # Per pair member: the coarse scan, the fine scan on every tuning seed, the evaluation
+    # at its own and at its partner's rate (a moved fine window adds one more scan).
+    members = 2 * len(convergence.PAIRS[name])
+    runs = members * (preset.convergence_coarse_points
+                      + (2 * convergence.FINE_HALF_WIDTH + 1)
+                      * len(preset.convergence_tuning_seeds) + 2 * len(preset.convergence_seeds))
     rows.append(("convergence (Figure 6)", name,
                  plan_training(name, preset, mesh, spec_of, runs, preset.convergence_epochs)))
   rows.append(("smoothness (Table 8)", "classification",

@@ -9,56 +9,10 @@ import types
 from experiments import registry
 from experiments.artifacts.metrics import read_metrics
 from experiments.artifacts.run_folder import read_config
+from experiments.artifacts.tables import markdown_table
 from experiments.errors import UsageError
-
-
-def choices(config: dict) -> list:
-  """The protocol's choices where the paper is silent or its boxes and code differ, one
-  line each, with the section they bear on."""
-  values = config.get("preset_values", {})
-  tasks = {name: values.get(name, {}) for name in ("translation", "code")}
-  pretraining = "; ".join(
-      f"{name}: {t.get('pretrain_size')} examples × {t.get('pretrain_epochs')} epochs of Adam "
-      f"{t.get('pretrain_learning_rate')}" for name, t in tasks.items() if t.get("pretrain_size"))
-  rates = values.get("trajectory_learning_rates", {})
-  return [
-      f"**Probe batch** (Appendix B.3 \"Test Batch\", Section 5): "
-      f"{'a fixed random subset of the training subset, as the paper code samples it from the training loader' if values.get('probe_batch', 'train') == 'train' else 'HELD-OUT examples outside the training subset (not the paper protocol: the probes then describe held-out loss)'}"
-      "; its indices' hash is in config.json.",
-      "**Directional sharpness is reported raw**, negative values included (Tables 1, 4-7); "
-      "Eq. 4's δ-shifted value (δ = 0.01, Appendix B.3) is stored beside every negative one "
-      "and used only as SGD's denominator when SGD's raw value is negative, marked ‡.",
-      "**SGD momentum start** (Algorithm 3 vs the paper's code): the SGD-family probes (SGD, "
-      "normalized SGD, sign SGD) start at m₁ = g₁ as the paper's code does; the SGD "
-      "trajectory follows the SGD probe. `optclip.sgd`'s default is the box (m₀ = 0).",
-      "**Adam's bias correction** (Algorithm 6's box omits it): standard Adam, as `optax.adam`.",
-      "**Lion's clip update** (Section 4.1, unspecified): the sign is replaced by clip(c)/τ_c, "
-      "so coordinates at or above τ_c are ±1 and the rest keep their relative size.",
-      "**Lion's weight decay** (Algorithm 9 has none): 0, passed explicitly.",
-      "**Adafactor without momentum** (Algorithms 7-8 have none although Section 5 says all "
-      "algorithms use momentum): the boxes, with relative step sizes for the probes.",
-      "**Adafactor on convolution kernels** (Appendix E, unspecified): HWIO kernels are "
-      "factored over their last two axes (I, O), the spatial axes batched.",
-      "**GPT-Neo input masking** (Appendix B.1): 15% of the input tokens are replaced by the "
-      "mask token once, at the start; the loss is the causal LM loss on every next token.",
-      "**Pretrained starts** (Table 2 fine-tunes pretrained models): "
-      + (f"the mini models are first trained on the other half of their offline corpus "
-         f"({pretraining}); classification (BERT) and the ResNet start from random weights."
-         if pretraining else "checkpoint folders given with --checkpoint, or random weights."),
-      f"**Trajectory learning rates**: SGD {rates.get('sgd')}, Adam {rates.get('adam')}"
-      + {"quick": " — the smallest of the grids {0.03, 0.1, 0.3} (SGD) and {2e-4, 1e-3} "
-                  "(Adam) at which the probe-batch loss falls by at least 5% over the run (the "
-                  "paper: 2e-4 for both, Appendix B.3)",
-         "smoke": " (the smoke preset only tests the machinery)"}.get(config.get("preset"), "")
-      + ".",
-      f"**R_med and Section 4.2's correlation** (seed 002; the paper is silent on how): exact "
-      f"H_ii at a fixed random sample of {values.get('curvature_samples')} coordinates per "
-      f"leaf, at {'every probe point' if values.get('curvature_at') == 'every' else 'the last probe point of every trajectory'}.",
-      f"**λ_max** (Section 3.1): Lanczos with {values.get('lanczos_iterations')} iterations "
-      "(it can only underestimate the supremum).",
-      "**Clipping**: one threshold over all parameters, k = ⌈fraction·n⌉, ties at τ unchanged; "
-      "at 100% every coordinate is clipped to the smallest |g|.",
-  ]
+from experiments.paper.choices import choices
+from experiments.paper.claims import NotRun
 
 
 def build(out: str) -> str:
@@ -77,7 +31,7 @@ def build(out: str) -> str:
       if read or config.get("command") in (experiment.name, "reproduce"):
         sections.append(f"### {experiment.name}: not run\n\n{experiment.help[0].upper()}"
                         f"{experiment.help[1:]}: not run, switched off by {reason}.")
-        verdicts.append(f"{experiment.name}: **not run** (switched off by {reason})")
+        verdicts.append(NotRun(experiment.name, reason))
       continue
     written = experiment.report(out, read)
     if written is not None:
@@ -99,12 +53,26 @@ def build(out: str) -> str:
   if config.get("preset") != "paper":
     header += ["Scaled-down models and offline data: the numbers test the paper's *qualitative* "
                "claims; paper values are listed beside ours for orientation, not as targets.", ""]
-  body = ("\n".join(header) + "\n## Verdicts\n\n" + "\n".join(f"- {v}" for v in verdicts)
+  body = ("\n".join(header) + "\n## At a glance\n\n" + glance(verdicts)
+          + "\n\n## Verdicts\n\n" + "\n".join(f"- {v}" for v in verdicts)
           + "\n\n## Choices\n\n" + "\n".join(f"- {c}" for c in choices(config))
           + "\n\n## Tables and figures\n\n" + "\n\n".join(sections) + "\n")
   with open(os.path.join(out, "report.md"), "w") as f:
     f.write(body)
   return body
+
+
+def glance(verdicts) -> str:
+  """One row per verdict: the claim, where the paper makes it, the verdict, our value (with
+  its interval) and the paper's."""
+  rows = []
+  for v in verdicts:
+    if isinstance(v, NotRun):
+      rows.append([v.experiment, "–", f"not run (switched off by {v.reason})", "–", "–"])
+      continue
+    claim = v.claim.summary + (f" ({v.scope})" if v.scope else "")
+    rows.append([claim, v.section, v.status, v.value or "–", v.paper or "–"])
+  return markdown_table(["claim", "section", "verdict", "ours", "paper"], rows)
 
 
 def _switched_off(experiment, preset) -> str | None:

@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 
 import jax
 
-__all__ = ["KIND_RULES", "block_names", "leaf_path", "partition", "select"]
+__all__ = ["KIND_RULES", "block_names", "kind", "layer", "leaf_path", "partition", "select"]
 
 # (pattern on one path component, kind); the first rule that matches any component wins, the
 # rules tried in order.
@@ -55,7 +55,8 @@ def leaf_path(path) -> str:
   return "/".join(parts)
 
 
-def _kind(path: str, rules) -> str:
+def kind(path: str, rules: Sequence[tuple[str, str]] = KIND_RULES) -> str:
+  """The kind of the leaf at ``path`` ("a/b/c"): the first rule matching a component."""
   components = path.lower().split("/")
   for pattern, kind in rules:
     if any(re.search(pattern, component) for component in components):
@@ -63,7 +64,8 @@ def _kind(path: str, rules) -> str:
   return "other"
 
 
-def _layer(path: str) -> str:
+def layer(path: str) -> str:
+  """The layer of the leaf at ``path`` ("encoder/block_0", "h_3", ...), or "global"."""
   match = _LAYER.search(path)
   if match is None:
     return "global"
@@ -104,8 +106,8 @@ def partition(params: Any, *, by: str = "kind",
     text = leaf_path(path)
     if custom:
       return str(rules(text, leaf))
-    kind, layer = _kind(text, kind_rules), _layer(text)
-    return {"kind": kind, "layer": layer, "layer/kind": f"{layer}/{kind}"}[by]
+    leaf_kind, leaf_layer = kind(text, kind_rules), layer(text)
+    return {"kind": leaf_kind, "layer": leaf_layer, "layer/kind": f"{leaf_layer}/{leaf_kind}"}[by]
 
   return jax.tree_util.tree_map_with_path(label, params)
 

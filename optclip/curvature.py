@@ -30,6 +30,7 @@ __all__ = [
     "TraceEstimate",
     "gauss_newton_eigenpairs",
     "gauss_newton_spectral_density",
+    "gauss_newton_coordinate_removal",
     "gauss_newton_spectral_norm",
     "gauss_newton_trace",
     "gauss_newton_vector_product",
@@ -130,6 +131,7 @@ class GaussNewtonSmoothness(NamedTuple):
   reduced_spectral_norm: jax.Array  # ℓ
   ratio: jax.Array  # L / ℓ
   fraction_removed: jax.Array  # ε
+  removed_per_leaf: object  # a pytree like the parameters: coordinates removed per leaf
 
 
 def gauss_newton_spectral_norm(per_example_grads_fn: Callable, params, batch, *,
@@ -150,13 +152,19 @@ def gauss_newton_spectral_norm(per_example_grads_fn: Callable, params, batch, *,
     remove_ratio: the paper's 4.
 
   Returns:
-    `GaussNewtonSmoothness` (L, ℓ, L/ℓ, ε).
+    `GaussNewtonSmoothness` (L, ℓ, L/ℓ, ε, and how many coordinates each leaf lost).
 
   References:
     Pan & Li 2023, arXiv 2306.00204, Appendix D and Table 8.
   """
-  rows = per_example_grads_fn(params, batch)
-  leaves = jax.tree.leaves(rows)
+  return gauss_newton_coordinate_removal(per_example_grads_fn(params, batch), remove_ratio)
+
+
+def gauss_newton_coordinate_removal(rows, remove_ratio: float = 4.0) -> GaussNewtonSmoothness:
+  """`gauss_newton_spectral_norm` from the rows gᵢ themselves (a pytree with a leading axis
+  B, as ``per_example_grads_fn`` returns them), so that several removal ratios share one
+  computation of them."""
+  leaves, treedef = jax.tree.flatten(rows)
 
   def gram(mask_leaves):
     total = 0
@@ -173,7 +181,8 @@ def gauss_newton_spectral_norm(per_example_grads_fn: Callable, params, batch, *,
   removed = 1.0 - sum(jnp.sum(k) for k in keep) / count
   full = jnp.linalg.eigvalsh(gram([None] * len(leaves)))[-1]
   reduced = jnp.linalg.eigvalsh(gram(keep))[-1]
-  return GaussNewtonSmoothness(full, reduced, full / reduced, removed)
+  per_leaf = jax.tree.unflatten(treedef, [jnp.sum(k == 0).astype(jnp.int32) for k in keep])
+  return GaussNewtonSmoothness(full, reduced, full / reduced, removed, per_leaf)
 
 
 def top_hessian_eigenvalue(loss_fn: Callable, params, *, iters: int = 30,

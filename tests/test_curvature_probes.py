@@ -81,6 +81,9 @@ def test_gauss_newton_against_dense_numpy():
   keep = row_norms < 1.5 * row_norms.mean()
   assert 0 < (~keep).sum() < keep.size
   np.testing.assert_allclose(float(result.fraction_removed), (~keep).mean(), rtol=1e-6)
+  # ravel_pytree orders the leaves as jax.tree.leaves does: b (2 entries), then w (8).
+  assert int(result.removed_per_leaf["b"]) == (~keep[:2]).sum()
+  assert int(result.removed_per_leaf["w"]) == (~keep[2:]).sum()
   reduced = g[np.ix_(keep, keep)]
   np.testing.assert_allclose(float(result.reduced_spectral_norm),
                              np.linalg.eigvalsh(reduced)[-1], rtol=1e-4)

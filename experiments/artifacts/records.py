@@ -45,20 +45,31 @@ FIELDS = {
     ("trajectory", "train"): {
         **_UNIT, "epoch": "epochs trained", "train_loss": "the epoch's mean training loss"},
     ("trajectory", "done"): dict(_UNIT),
-    ("convergence", "curve"): {
-        "task": _UNIT["task"], "algorithm": "the variant's label", "seed": _UNIT["seed"],
-        "learning_rate": "the rate (None: Adafactor's relative step)",
-        "multiplier": "the rate as a multiple of Table 3's",
-        "curve": "the epoch's mean training loss, per epoch"},
-    ("convergence", "chosen"): {
+    ("convergence", "stage"): {
         "task": _UNIT["task"], "algorithm": "the variant's label",
-        "multiplier": "the chosen multiple of Table 3's rate",
-        "table3_learning_rate": "Table 3's rate", "scanned": "the multiples tried"},
+        "stage": "coarse, coarse-up, coarse-down, fine0, fine1, fine2 (the tuning scans) or "
+                 "evaluation",
+        "tuning_seeds": "the seeds the rates are tuned on",
+        "steps_per_epoch": "optimizer steps per epoch",
+        "runs": "[{learning_rate, seed, epoch_losses: the epoch's mean training loss per "
+                "epoch, start_loss and final_loss: on the whole training subset}]",
+        "own_rate": "evaluation: the member's tuned rate",
+        "partner_rate": "evaluation: the pair partner's tuned rate (for the unclipped "
+                        "member, the control)"},
     ("smoothness", "epoch"): {
         "seed": _UNIT["seed"], "epoch": "epochs trained before the measurement",
-        "L": "‖G‖₂ / |S|", "l": "the same after removing the coordinates with row norm ≥ 4× "
-                                "the mean", "ratio": "L/ℓ", "epsilon": "the fraction removed"},
+        "measured": "{'attention 2x', 'attention 4x', 'all 2x', 'all 4x': {L: ‖G‖₂/|S| of "
+                    "the Gauss-Newton matrix over the attention weights or all parameters, "
+                    "l: the same after removing the coordinates with row norm >= 2× or 4× "
+                    "the mean, ratio: L/ℓ, epsilon: the fraction removed, removed_per_leaf: "
+                    "{leaf: coordinates removed}}}"},
     ("smoothness", "done"): {"seed": _UNIT["seed"]},
+    ("pilot", "pilot"): {
+        **_UNIT, "rates": "the grid tried", "start_loss": "per rate: the probe-batch loss "
+        "at the start", "final_loss": "per rate: after the trajectory's epochs",
+        "chosen": "the smallest rate whose loss fell by at least `drop` (else the largest)",
+        "criterion_met": "whether one did", "drop": "the criterion's fraction",
+        "epochs": "the trajectory's epochs"},
     ("theory", "theory"): {
         "seed": _UNIT["seed"], "epsilon": "the fraction of bad coordinates",
         "delta": "the clipped fraction", "L": "‖H‖₂", "l": "‖H‖₂ without the bad coordinates",
@@ -78,7 +89,7 @@ def kind_of(record) -> tuple:
   if experiment == "trajectory":
     return experiment, last
   if experiment == "convergence":
-    return experiment, "chosen" if last == "chosen" else "curve"
+    return experiment, "stage"
   if experiment == "smoothness":
     return experiment, "done" if last == "done" else "epoch"
   return experiment, experiment

@@ -42,6 +42,22 @@ def format_number(value) -> str:
   return f"{value:.3e}"
 
 
+def bootstrap_interval(values, statistic=np.mean, level: float = 0.9, *,
+                       resamples: int = 2000, seed: int = 0) -> tuple:
+  """(low, high) of the central ``level`` interval of ``statistic`` over bootstrap resamples
+  of ``values`` (NaN for no values; a fixed seed, so a report rebuilds identically)."""
+  values = np.asarray(values, np.float64)
+  if values.size == 0:
+    return float("nan"), float("nan")
+  rng = np.random.default_rng(seed)
+  draws = values[rng.integers(0, values.size, (resamples, values.size))]
+  estimates = np.apply_along_axis(statistic, 1, draws)
+  tail = (1 - level) / 2 * 100
+  with np.errstate(invalid="ignore"):
+    low, high = np.nanpercentile(estimates, [tail, 100 - tail])
+  return float(low), float(high)
+
+
 def mean_std(values) -> tuple:
   values = np.asarray([v for v in values if v is not None], np.float64)
   if values.size == 0:

@@ -90,11 +90,40 @@ CLAIMS = {
         "R^Adam_med is small", "seed 002 (Jiang, Malik & Li)"),
 }
 
+class Verdict(NamedTuple):
+  """One verdict: its line in the report's Verdicts section is ``str(verdict)``; the summary
+  table at the report's top reads the fields."""
+  claim: Claim | BeyondClaim
+  status: str
+  rule: str
+  evidence: str
+  scope: str = ""
+  value: str = ""  # our value, with its interval where there is one
+  paper: str = ""  # the paper's value
+
+  def __str__(self) -> str:
+    where = f" — {self.scope}" if self.scope else ""
+    return (f"{self.claim.summary}{where}: **{self.status}** ({self.claim.source()}). "
+            f"Rule: {self.rule}. Evidence: {self.evidence}")
+
+  @property
+  def section(self) -> str:
+    return getattr(self.claim, "where", "beyond the paper")
+
+
+class NotRun(NamedTuple):
+  """In place of an experiment's verdicts when the preset switched it off."""
+  experiment: str
+  reason: str  # what switched it off, e.g. "lanczos_iterations=0"
+  status: str = "not run"
+
+  def __str__(self) -> str:
+    return f"{self.experiment}: **not run** (switched off by {self.reason})"
+
+
 def verdict(claim: str | Claim | BeyondClaim, status: str, rule: str, evidence: str,
-            scope: str = "") -> str:
-  """One line of the report's Verdicts section, for a key of `CLAIMS` or a claim a section
-  states itself (a `BeyondClaim`, say)."""
-  source = CLAIMS[claim] if isinstance(claim, str) else claim
-  where = f" — {scope}" if scope else ""
-  return (f"{source.summary}{where}: **{status}** ({source.source()}). "
-          f"Rule: {rule}. Evidence: {evidence}")
+            scope: str = "", *, value: str = "", paper: str = "") -> Verdict:
+  """The verdict on a claim of `CLAIMS` (by key) or one a section states itself (a
+  `BeyondClaim`, say), with our value and the paper's for the summary table."""
+  return Verdict(CLAIMS[claim] if isinstance(claim, str) else claim, status, rule, evidence,
+                 scope, value, paper)

@@ -21,7 +21,7 @@ import numpy as np
 
 import optclip
 from experiments.artifacts import checkpoints
-from experiments.probing import measurements
+from experiments.probing import measurements, pilot
 from experiments.probing.probes import PROBES, TRAJECTORIES, train_transform
 from experiments.training import loop
 
@@ -34,7 +34,8 @@ def _train_step(model, kind, mesh=None):
   """The jitted training step of every trajectory, rate and seed of a task (they differ only
   in the state): one compile."""
   return loop.train_step(loop.model_loss(model, mesh),
-                         train_transform(TRAJECTORIES[0], 1.0, kind))
+                         train_transform(TRAJECTORIES[0], 1.0, kind),
+                         loop.model_state_loss(model, mesh))
 
 
 @functools.lru_cache(maxsize=None)
@@ -48,8 +49,18 @@ def _probe_step(model, kind, mesh=None):
 
 @functools.lru_cache(maxsize=None)
 def _programs(model, kind, steps, lanczos_iterations, mesh=None) -> measurements.Programs:
-  return measurements.make_programs(loop.model_loss(model, mesh),
+  """The probe programs, on the loss in evaluation mode (BatchNorm on its running
+  statistics, as the paper's code measures after ``model.eval()``)."""
+  return measurements.make_programs(loop.model_loss(model, mesh, mode="eval"),
                                     [v.label for v in PROBES[kind]], steps, lanczos_iterations)
+
+
+def probe_batch(test_batch, state):
+  """The probe batch, with the model's state where it has one (the evaluation-mode loss
+  reads BatchNorm's running statistics from it)."""
+  if state.model_state is None:
+    return test_batch
+  return {**test_batch, "model_state": state.model_state}
 
 
 def curvature_sample(params, size: int, seed: int) -> dict:
@@ -104,11 +115,12 @@ def run(ctx, task, trajectory: str, seed: int, *, kind: str = "transformer",
   preset, metrics = ctx.preset, ctx.metrics
   epochs = epochs or preset.epochs
   probe_epochs = tuple(probe_epochs or preset.probe_epochs)
-  learning_rate = learning_rate or preset.trajectory_learning_rates[trajectory]
   unit = "-".join([kind, task.name] + ([model_name] if model_name else [])
                   + [trajectory, f"seed{seed}"])
   if metrics.has(f"{unit}/done"):
     return
+  learning_rate = learning_rate or pilot.learning_rate(ctx, task.name, trajectory, kind=kind,
+                                                       epochs=epochs, model_name=model_name)
   context, place, place_batch = sharding.placement(ctx.mesh)
   fields = dict(kind=kind, task=task.name, trajectory=trajectory, seed=seed,
                 **({"model": model_name} if model_name else {}))
@@ -121,10 +133,11 @@ def run(ctx, task, trajectory: str, seed: int, *, kind: str = "transformer",
     names = list(tx.probes)
     params = task.init_params(seed)
     sample = curvature_sample(params, preset.curvature_samples, seed)
-    state = loop.initial_state(tx, params, place)
+    state = loop.initial_state(tx, params, place, task.init_model_state(seed))
     test_batch = place_batch(task.test_batch)
     if not metrics.has(f"{unit}/epoch0/start"):
-      start_loss = loop.model_loss(task.model, ctx.mesh)(state.params, test_batch)
+      start_loss = loop.model_loss(task.model, ctx.mesh, mode="eval")(
+          state.params, probe_batch(test_batch, state))
       metrics.log(EXPERIMENT, f"{unit}/epoch0/start", **fields, epoch=0,
                   probe_loss=float(start_loss), learning_rate=learning_rate,
                   parameters=int(sum(np.size(x) for x in jax.tree.leaves(params))))
@@ -144,7 +157,7 @@ def run(ctx, task, trajectory: str, seed: int, *, kind: str = "transformer",
                       if _fills_memory(state, stacked) else None)
         key = jax.random.fold_in(jax.random.PRNGKey(seed), epoch)
         inputs = dict(params=state.params, directions=stacked, names=names,
-                      probe_batch=test_batch, key=key, sample=sample,
+                      probe_batch=probe_batch(test_batch, state), key=key, sample=sample,
                       diagonal_here=(preset.curvature_at == "every"
                                      or epoch == probe_epochs[-1]),
                       clip_statistics=clip_statistics)
@@ -154,7 +167,7 @@ def run(ctx, task, trajectory: str, seed: int, *, kind: str = "transformer",
                     algorithms=names, step_sizes=list(preset.landscape_steps),
                     histogram_range=list(measurements.HISTOGRAM_RANGE), **result)
         if bring_back is not None:
-          return loop.TrainState(state.params, bring_back())
+          return state._replace(opt_state=bring_back())
       return None
 
     loop.run_epochs(step, state, lambda epoch: task.epoch_batches(seed, epoch), epochs,

@@ -6,7 +6,7 @@ from __future__ import annotations
 from experiments import probing
 from experiments.artifacts.figures import new_figure, save_figure
 from experiments.artifacts.run_folder import figure_path
-from experiments.artifacts.tables import mean_std, write_table
+from experiments.artifacts.tables import bootstrap_interval, mean_std, write_table
 from experiments.paper.claims import verdict
 from experiments.setup.experiment import on_probe_units
 
@@ -38,7 +38,7 @@ def write(out: str, records):
   groups = probing.grouped(records)
   if not groups:
     return None
-  rows, figures, best, total = [], [], 0, 0
+  rows, figures, best, total, sgd_best = [], [], 0, 0, []
   labels = probing.PAPER_LABELS["transformer"]
   for (task, traj), by_epoch in sorted(groups.items()):
     figures.append(_tradeoff_figure(out, task, traj, by_epoch))
@@ -52,6 +52,7 @@ def write(out: str, records):
         cosine = probing.values(r, "cosine")
         total += 1
         best += min(labels, key=lambda n: cosine[n]) == "sgd"
+        sgd_best.append(min(labels, key=lambda n: cosine[n]) == "sgd")
   table = write_table(out, "gradient_correlation",
                       ["task", "trajectory", "epoch", "algorithm", "⟨∇f, u⟩/‖u‖ (mean)",
                        "cos(∇f, u) (mean)", "cos std"], rows)
@@ -62,8 +63,11 @@ def write(out: str, records):
           "\n\n⟨∇f, u⟩/‖u‖ and cos(∇f, u) on the probe batch for every probe direction u "
           "(negative: a descent direction). Figures: "
           + ", ".join(f"`figures/{f}.png`" for f in figures) + ".\n\n" + table)
+  low, high = bootstrap_interval(sgd_best)
   return text, [verdict("sgd_correlation", status, RULE,
-                        f"SGD's was the most correlated at {best}/{total} probe points")]
+                        f"SGD's was the most correlated at {best}/{total} probe points",
+                        value=f"{share:.0%} of probe points [{low:.0%}, {high:.0%}]",
+                        paper="SGD's the best correlated (Appendix C.3)")]
 
 
 EXPERIMENT = on_probe_units(NAME, "Eq. 1's gradient correlation; Appendix C.3's trade-off",

@@ -7,18 +7,19 @@ from __future__ import annotations
 import collections
 
 from experiments import probing
+from experiments.probing import pilot
 from experiments.artifacts.tables import mean_std, write_table
 from experiments.setup.experiment import on_probe_units
 
 NAME = "losses"
-DROP = 0.05  # "visibly trains": the probe-batch loss falls by at least 5% over the run
+DROP = pilot.DROP  # "visibly trains": the probe-batch loss falls by at least 5% over the run
 
 
 def write(out: str, records):
   losses = collections.defaultdict(dict)  # (kind, task, model, trajectory, seed) -> {epoch: loss}
   rates = {}
   for r in records:
-    if not probing.is_trajectory(r):
+    if not probing.is_trajectory(r) or "kind" not in r:
       continue
     unit = (r["kind"], r["task"], r.get("model", ""), r["trajectory"], r["seed"])
     if r["key"].endswith("/start"):
@@ -42,12 +43,24 @@ def write(out: str, records):
   table = write_table(out, "trajectory_losses", ["kind", "task", "model", "trajectory",
                                                  "learning rate", "epoch",
                                                  "probe-batch loss (mean)", "std"], rows)
+  pilots = [[r["kind"], r["task"], r.get("model", ""), r["trajectory"], rate, before, after,
+             "chosen" + ("" if r["criterion_met"] else " (none fell enough: the largest)")
+             if rate == r["chosen"] else ""]
+            for r in records if r["experiment"] == pilot.EXPERIMENT
+            for rate, before, after in zip(r["rates"], r["start_loss"], r["final_loss"])]
+  pilot_table = ("\n\nThe pilot that chose the rates (experiments.probing.pilot): the followed "
+                 "optimizer alone over the trajectory's epochs, on the first seed.\n\n"
+                 + write_table(out, "trajectory_pilot", ["kind", "task", "model", "trajectory",
+                                                         "rate", "probe-batch loss, start",
+                                                         "probe-batch loss, end", ""], pilots)
+                 if pilots else "")
   return (f"### Trajectory losses\n\nThe probe-batch loss of every trajectory at its start "
           f"(epoch 0) and at every probe point. {trained} of {total} trajectories fell by at "
-          f"least {DROP:.0%} from start to last probe point, the criterion the quick preset's "
-          f"trajectory learning rates were chosen by.\n\n" + table), []
+          f"least {DROP:.0%} from start to last probe point, the criterion the trajectory "
+          f"learning rates are chosen by.\n\n" + table + pilot_table), []
 
 
 EXPERIMENT = on_probe_units(NAME, "the trajectories' probe-batch losses at every probe point",
                             write, ("tables/trajectory_losses",), ("first_order",),
-                            reads=probing.is_trajectory)
+                            reads=lambda r: (probing.is_trajectory(r)
+                                             or r["experiment"] == pilot.EXPERIMENT))

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from experiments import probing
-from experiments.artifacts.tables import mean_std, write_table
+from experiments.artifacts.tables import bootstrap_interval, mean_std, write_table
 from experiments.paper import values as paper_values
 from experiments.paper.claims import verdict
 from experiments.probing import trajectory
@@ -112,23 +112,31 @@ def _verdicts(groups) -> list:
       below = np.mean(np.asarray(ratios) < 1)
       status = "reproduced" if median < 0.1 and below > 0.75 else (
           "partly reproduced" if median < 1 else "not reproduced")
+      low, high = bootstrap_interval(ratios, np.median)
       lines.append(verdict("adaptive_sharper", status, ADAPTIVE_RULE,
                            f"median Adam/SGD ratio {median:.3g} over {len(ratios)} probe "
-                           f"points ({below:.0%} below 1)", task))
-  wins, total = 0, 0
+                           f"points ({below:.0%} below 1)", task,
+                           value=f"median Adam/SGD {median:.3g} [{low:.3g}, {high:.3g}]",
+                           paper=f"median Adam/SGD "
+                                 f"{np.median(paper_values.ratios_of(task, 'adam')):.3g}"))
+  lowered = []
   for by_epoch in groups.values():
     for runs in by_epoch.values():
       for r in runs:
         sharp = probing.values(r)
         for base, clipped in probing.unclipped_pairs(r["algorithms"]):
-          total += 1
-          wins += abs(sharp[clipped]) < abs(sharp[base])
-  if total:
+          lowered.append(abs(sharp[clipped]) < abs(sharp[base]))
+  if lowered:
+    wins, total = int(np.sum(lowered)), len(lowered)
     share = wins / total
     status = "reproduced" if share >= 0.8 else ("partly reproduced" if share >= 0.5
                                                  else "not reproduced")
+    low, high = bootstrap_interval(lowered)
+    paper_wins, paper_total = paper_values.clipping_share()
     lines.append(verdict("clipping_helps", status, CLIPPING_RULE,
-                         f"clipping lowered |sharpness| in {wins}/{total} pairs"))
+                         f"clipping lowered |sharpness| in {wins}/{total} pairs",
+                         value=f"{share:.0%} of pairs [{low:.0%}, {high:.0%}]",
+                         paper=f"{paper_wins}/{paper_total} pairs of Tables 4-7"))
   return lines
 
 

@@ -134,7 +134,10 @@ def write(out: str, records):
               f"is below |SGD's| on {lower}/{len(records)}")
   return (f"### Theorem 2 in full (Appendix A): non-diagonal H, L ≈ {SHARP:g}, ℓ ≈ {SMOOTH:g}"
           f", ‖B‖ = {COUPLING:g}·{SHARP:g}\n\n" + __doc__.split("\n\n", 1)[1].strip()
-          + "\n\n" + table), [verdict("theory", status, RULE, evidence)]
+          + "\n\n" + table), [verdict("theory", status, RULE, evidence,
+                                       value=f"holds on {held}/{len(records)}, below L on "
+                                             f"{below}/{len(records)}",
+                                       paper="holds (a theorem)")]
 
 
 EXPERIMENT = Experiment(NAME, "Theorem 2 checked in full on non-diagonal quadratics", run,

@@ -45,7 +45,9 @@ def write(out: str, records):
   return ("### Directional vs worst-case sharpness (Section 3.1)\n\nλ_max of the probe-batch "
           "Hessian by Lanczos (preset `lanczos_iterations`), and each direction's raw "
           "directional sharpness as a fraction of it.\n\n" + table), [
-              verdict("worst_case", status, RULE, evidence)]
+              verdict("worst_case", status, RULE, evidence,
+                      value=f"{total - len(exceeded)}/{total} at or below λ_max",
+                      paper="all (λ_max is their supremum)")]
 
 
 EXPERIMENT = on_probe_units(NAME, "Section 3.1: λ_max beside every directional sharpness",

@@ -16,15 +16,19 @@ PAPER_CHECKPOINTS = {
     "code": ("flax-community/gpt-neo-125M-code-clippy", "AutoModelForCausalLM", ""),
     "classification": ("bert-base-uncased", "AutoModelForSequenceClassification",
                        ", num_labels=2"),
+    # The paper's code takes torchvision's ImageNet ResNet-152; this is the Hugging Face one
+    # (also ImageNet-trained), whose 1000-class head the task replaces.
+    "images": ("microsoft/resnet-152", "AutoModelForImageClassification", ""),
 }
 
 
 def save_command(task: str) -> str:
   name, cls, extra = PAPER_CHECKPOINTS[task]
   folder = f"CKPT/{name.split('/')[-1]}"
+  tokenizer = ("" if task == "images" else
+               f"; t.AutoTokenizer.from_pretrained('{name}').save_pretrained('{folder}')")
   return (f"python -c \"import transformers as t; t.{cls}.from_pretrained('{name}'{extra})"
-          f".save_pretrained('{folder}'); t.AutoTokenizer.from_pretrained('{name}')"
-          f".save_pretrained('{folder}')\"")
+          f".save_pretrained('{folder}'){tokenizer}\"")
 
 
 def require_checkpoints(tasks_needed, checkpoints: dict, random_init: bool) -> None:

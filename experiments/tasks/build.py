@@ -1,8 +1,13 @@
 """The four tasks of the paper, built from a preset: data, tokenizer, model and loss.
 
 Everything is deterministic given the seed: the fixed training subset, the fixed probe batch
-(Appendix B.3's "test batch"), the masks of the code task (drawn once, p = 0.15) and the
-order of batches in every epoch.
+(Appendix B.3's "test batch"), the code task's input masks where the preset asks for them
+(drawn once) and the order of batches in every epoch.
+
+The code task is a plain causal language model on raw tokens, as the paper's code trains it
+(``tasks/autoregressive.py`` returns the tokens as both inputs and labels); Appendix B.1's
+text speaks of fixed masks drawn with p = 0.15 at the start, which ``mask_probability``
+gives.
 
 The probe batch stands in for the full-batch training objective: by default it is a fixed
 random subset of the training subset, as in the paper's code (Appendix B.3 "Test Batch";
@@ -22,6 +27,7 @@ import dataclasses
 import hashlib
 from typing import Callable, NamedTuple
 
+import jax
 import numpy as np
 
 import optclip.models as models
@@ -32,10 +38,10 @@ from experiments.tasks.task import Task
 from optclip.data import batching, classification, code, images, tokenization, translation
 from optclip.data.common import DataNotFound
 
-MASK_PROBABILITY = 0.15
 PROBE_BATCH_SOURCES = ("train", "held-out")
 # The model family each task trains (a --checkpoint folder must hold one of these).
-CHECKPOINT_FAMILIES = {"translation": "t5", "code": "gpt_neo", "classification": "bert"}
+CHECKPOINT_FAMILIES = {"translation": "t5", "code": "gpt_neo", "classification": "bert",
+                       "images": "resnet"}
 
 
 def _indices_hash(indices) -> str:
@@ -134,7 +140,7 @@ def _code_blocks(documents, tokenizer, special, preset):
 
 
 def _encode_code(blocks, tokenizer, special, preset, seed):
-  masks = batching.fixed_masks(blocks.shape, MASK_PROBABILITY, seed)
+  masks = batching.fixed_masks(blocks.shape, preset.mask_probability, seed)
   return batching.masked_lm_batch(blocks, masks, special.mask)
 
 
@@ -268,26 +274,60 @@ def _check_model(name, model, preset, checkpoint):
                      f"needed, the folder's has {config.num_labels} labels")
 
 
+def _resnet_from_checkpoint(checkpoint, num_channels: int, num_labels: int):
+  """(model, params, state) of a ResNet checkpoint folder for a task of ``num_labels``
+  classes: the paper fine-tunes an ImageNet-pretrained ResNet-152 on CIFAR-10 (its code:
+  ``torchvision.models.resnet152(pretrained=True)``), so a head of another size is replaced
+  by a fresh one."""
+  from optclip.models import convert
+  try:
+    model, params, state = convert.load_pretrained(checkpoint, with_state=True)
+  except (FileNotFoundError, convert.CheckpointError) as error:
+    raise UsageError(f"--checkpoint images={checkpoint}: {error}") from error
+  if model.config.model_type != "resnet":
+    raise UsageError(f"--checkpoint images={checkpoint}: the images task trains a resnet "
+                     f"model, the folder holds {model.config.model_type}")
+  if model.config.num_channels != num_channels:
+    raise UsageError(f"--checkpoint images={checkpoint}: {model.config.num_channels} input "
+                     f"channels, the images have {num_channels}")
+  if model.config.num_labels != num_labels:
+    model = models.create(model.config, num_labels=num_labels)
+    fresh = models.init_params(model, jax.random.PRNGKey(0))
+    params = {**params, "classifier": fresh["classifier"]}
+  return model, params, state
+
+
 def images_task(preset: TaskPreset, seed: int, data_dir=None, cache_dir=None,
                 checkpoint=None, probe_batch: str = "train") -> Task:
-  if checkpoint is not None:
-    raise UsageError("--checkpoint: the images task trains a ResNet from scratch (Table 9); "
-                     "checkpoints are read for translation, code and classification")
   if preset.source == "paper":
     pixels, labels, info = _load(images.cifar10, data_dir)
   else:
     loaded = images.digits()
     pixels, labels, info = loaded if loaded is not None else images.synthetic_shapes()
   pixels = (pixels - pixels.mean()) / (pixels.std() + 1e-8)
+  as_data = lambda index: {"pixels": pixels[index].astype(np.float32),
+                           "label": labels[index].astype(np.int32)}
+  num_labels = int(labels.max()) + 1
+  model = _model(preset, num_channels=pixels.shape[-1], num_labels=num_labels)
+  pretrained = state = None
+  if checkpoint is None and preset.pretrain_size:
+    # As the text tasks: pretrained on a half of the images fine-tuning never sees.
+    half, pool = pretraining.split(len(labels))
+    chosen = half[batching.fixed_subset(len(half), min(preset.pretrain_size, len(half)),
+                                        pretraining.SEED)]
+    checkpoint, info["pretraining"] = pretraining.checkpoint_folder(
+        "images", model, None, as_data(chosen), preset, cache_dir)
+    pixels, labels = pixels[pool], labels[pool]
+  if checkpoint is not None:
+    model, pretrained, state = _resnet_from_checkpoint(checkpoint, pixels.shape[-1],
+                                                       num_labels)
+    info["checkpoint"] = checkpoint
   train, probe, info["probe_batch"] = _split(len(labels), preset, seed, probe_batch, info)
-  train_data, probe_data = _encoded(
-      lambda index: {"pixels": pixels[index].astype(np.float32),
-                     "label": labels[index].astype(np.int32)}, train, probe)
-  model = _model(preset, num_channels=pixels.shape[-1], num_labels=int(labels.max()) + 1)
+  train_data, probe_data = _encoded(as_data, train, probe)
   info = {**info, "train_examples": len(train), "probe_examples": len(probe),
           "image_shape": list(pixels.shape[1:])}
   return Task("images", model, models.make_loss_fn(model), train_data, probe_data, preset,
-              info)
+              info, pretrained, state or None)
 
 
 def build(name: str, preset, seed: int, data_dir=None, cache_dir=None, checkpoints=None) -> Task:

@@ -39,7 +39,8 @@ def split(total: int):
 def _content_hash(model, tokenizer, data: dict, preset) -> str:
   digest = hashlib.sha256()
   digest.update(json.dumps(dataclasses.asdict(model.config), sort_keys=True).encode())
-  digest.update(tokenizer.to_str().encode())
+  if tokenizer is not None:
+    digest.update(tokenizer.to_str().encode())
   for key in sorted(data):
     digest.update(key.encode())
     digest.update(np.ascontiguousarray(data[key]).tobytes())
@@ -49,7 +50,9 @@ def _content_hash(model, tokenizer, data: dict, preset) -> str:
 
 
 def checkpoint_folder(name: str, model, tokenizer, data: dict, preset, cache_dir: str):
-  """The folder of ``model`` trained on ``data`` with Adam, from the cache or made now.
+  """The folder of ``model`` trained on ``data`` with Adam, from the cache or made now (a
+  model with state, such as a ResNet's BatchNorm statistics, trains and saves it too;
+  ``tokenizer`` is None for images).
 
   Returns ``(folder, info)``; ``info`` (steps, rates, losses, the hash) goes to config.json.
   """
@@ -62,8 +65,9 @@ def checkpoint_folder(name: str, model, tokenizer, data: dict, preset, cache_dir
   # The pretraining data is a task's training set.
   task = Task(f"{name} pretraining", model, models.make_loss_fn(model), data, {}, preset, {})
   tx = Variant("adam").make(preset.pretrain_learning_rate)
-  step = loop.train_step(task.loss_fn, tx)
-  state = loop.initial_state(tx, models.init_params(model, jax.random.PRNGKey(SEED)))
+  step = loop.train_step(task.loss_fn, tx, loop.model_state_loss(model))
+  params, model_state = models.init_params(model, jax.random.PRNGKey(SEED), with_state=True)
+  state = loop.initial_state(tx, params, model_state=model_state or None)
   losses = []
   state = loop.run_epochs(
       step, state, lambda epoch: task.epoch_batches(SEED, epoch), preset.pretrain_epochs,
@@ -76,8 +80,10 @@ def checkpoint_folder(name: str, model, tokenizer, data: dict, preset, cache_dir
           "batch_size": preset.batch_size, "epoch_losses": losses}
   tmp = folder + f".tmp{os.getpid()}"
   shutil.rmtree(tmp, ignore_errors=True)
-  convert.save_pretrained(tmp, model, jax.device_get(state.params))
-  tokenizer.save(os.path.join(tmp, "tokenizer.json"))
+  convert.save_pretrained(tmp, model, jax.device_get(state.params),
+                          jax.device_get(state.model_state))
+  if tokenizer is not None:
+    tokenizer.save(os.path.join(tmp, "tokenizer.json"))
   with open(os.path.join(tmp, "pretraining.json"), "w") as f:
     json.dump(info, f, indent=2)
   try:

@@ -25,6 +25,7 @@ class Task:
   preset: TaskPreset         # what the task was built from (batch size, micro-batch, ...)
   info: dict                 # source, sizes, hashes: recorded in config.json
   pretrained: Any = None     # params of a checkpoint folder: every seed starts there
+  pretrained_state: Any = None  # and its model state (BatchNorm statistics), if it has one
 
   @property
   def batch_size(self) -> int:
@@ -45,3 +46,12 @@ class Task:
     if self.pretrained is not None:
       return self.pretrained
     return models.init_params(self.model, jax.random.PRNGKey(seed))
+
+  def init_model_state(self, seed: int):
+    """What the model keeps besides its parameters ({"batch_stats": ...} for a ResNet),
+    None for a model without."""
+    if models.make_state_loss_fn(self.model) is None:
+      return None
+    if self.pretrained_state is not None:
+      return self.pretrained_state
+    return models.init_params(self.model, jax.random.PRNGKey(seed), with_state=True)[1]

@@ -18,8 +18,8 @@ from optclip.models.convert import (FAMILIES, CheckpointError, config_from_hf, c
 PRESETS = {**t5.PRESETS, **gpt_neo.PRESETS, **bert.PRESETS, **resnet.PRESETS}
 
 __all__ = ["CheckpointError", "PRESETS", "create", "family", "init_params", "load_pretrained",
-           "make_logits_fn", "make_loss_fn", "save_pretrained", "config_from_hf",
-           "config_to_hf"]
+           "make_logits_fn", "make_loss_fn", "make_state_loss_fn", "save_pretrained",
+           "config_from_hf", "config_to_hf"]
 
 
 def family(model_or_config):
@@ -48,9 +48,32 @@ def init_params(model, key, *, with_state: bool = False):
   return (params, variables) if with_state else params
 
 
-def make_loss_fn(model):
-  """``loss_fn(params, batch) -> scalar`` for the model's family."""
-  return functools.partial(family(model).loss_fn, model)
+def make_loss_fn(model, mode: str = "train"):
+  """``loss_fn(params, batch) -> scalar`` for the model's family.
+
+  ``mode="eval"`` differs only for a model with state (ResNet's BatchNorm): it uses the
+  running statistics, which the batch then carries as ``batch["model_state"]``.
+  """
+  if mode not in ("train", "eval"):
+    raise ValueError(f"make_loss_fn: mode must be 'train' or 'eval', got {mode!r}")
+  module = family(model)
+  if mode == "eval" and hasattr(module, "eval_loss_fn"):
+    return functools.partial(module.eval_loss_fn, model)
+  return functools.partial(module.loss_fn, model)
+
+
+def make_state_loss_fn(model):
+  """``(params, model_state, batch) -> (loss, new model_state)`` in training mode for a
+  model with state ({"batch_stats": ...} for ResNet), or None for a model without."""
+  module = family(model)
+  if not hasattr(module, "train_loss_and_state"):
+    return None
+
+  def loss_and_state(params, model_state, batch):
+    loss, stats = module.train_loss_and_state(model, params, model_state["batch_stats"],
+                                              batch)
+    return loss, {"batch_stats": stats}
+  return loss_and_state
 
 
 def make_logits_fn(model):

@@ -6,8 +6,9 @@ the converter transposes HF's NCHW kernels.
 
 BatchNorm: ``loss_fn(model, params, batch)`` uses batch statistics (training mode) and
 discards the running-average update, so it is a pure function of ``params`` that the geometry
-probes can differentiate. ``train_loss_and_state`` also returns the updated running averages,
-and ``eval_logits`` uses them.
+probes can differentiate. ``train_loss_and_state`` also returns the updated running averages;
+``logits_fn`` and ``eval_loss_fn`` use them (evaluation mode, as PyTorch's ``model.eval()``:
+the paper's code measures sharpness that way).
 """
 
 from __future__ import annotations
@@ -150,3 +151,11 @@ def loss_fn(model: ResNet, params, batch):
 def logits_fn(model: ResNet, params, batch, batch_stats=None):
   """Evaluation-mode logits with the running averages."""
   return model.apply({"params": params, "batch_stats": batch_stats}, batch["pixels"], train=False)
+
+
+def eval_loss_fn(model: ResNet, params, batch):
+  """Evaluation-mode loss: the running averages come with the batch, as
+  ``batch["model_state"]["batch_stats"]`` (so that a compiled probe serves every point of a
+  trajectory, whose statistics change)."""
+  logits = logits_fn(model, params, batch, batch["model_state"]["batch_stats"])
+  return classification_cross_entropy(logits, batch["label"])
