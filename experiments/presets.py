@@ -64,6 +64,11 @@ class Preset:
   # Where the probe batch comes from: "train" (a fixed subset of the training subset, as the
   # paper's code; Appendix B.3) or "held-out" (outside it).
   probe_batch: str = "train"
+  # Directions evaluated together by one vectorised Hessian-vector product (the Hessian
+  # diagonal's unit vectors, the block split), and (direction, step) pairs by one forward
+  # (the landscape): explicit, so that a CPU plan compiles what an accelerator would run.
+  direction_batch: int = 1
+  landscape_batch: int = 1
   # Probe measurements not to take (names in experiments.probing.measurements), e.g.
   # ("block_sharpness",); the report marks what they feed as not run.
   skip_measurements: tuple = ()
@@ -87,7 +92,7 @@ SMOKE = Preset(
                       pretrain_size=32, pretrain_epochs=1),
     epochs=2, probe_epochs=(1, 2), trajectory_learning_rates={"sgd": 1e-2, "adam": 1e-3},
     landscape_steps=(0.0,) + _steps(1e-3, 1.0, 5), curvature_samples=4, curvature_at="last",
-    lanczos_iterations=8,
+    lanczos_iterations=8, direction_batch=20,
     convergence_epochs=2, convergence_batch_size=8, convergence_tuning_seeds=(100,),
     convergence_seeds=(0,), convergence_coarse_points=5, convergence_copies=5,
     smoothness_epochs=2,
@@ -116,8 +121,11 @@ QUICK = Preset(
     # by at least 5% over the 20 epochs from the pretrained start (experiments.probing.pilot;
     # the criterion for "visibly trains" was fixed before any run).
     trajectory_learning_rates={"sgd": (0.03, 0.1, 0.3), "adam": (2e-4, 1e-3)},
-    landscape_steps=(0.0,) + _steps(1e-3, 10.0, 15), curvature_samples=8, curvature_at="last",
-    lanczos_iterations=20,
+    # The Hessian diagonal at a fixed sample of 8 coordinates per leaf at every probe point, so
+    # that R_med compares trajectories point by point (the full diagonal of every 2-D leaf,
+    # one Hessian-vector product per entry, would take ~145 s per probe point at t5-mini).
+    landscape_steps=(0.0,) + _steps(1e-3, 10.0, 15), curvature_samples=8, curvature_at="every",
+    lanczos_iterations=20, direction_batch=20,
     # 13 epochs of 16 batches of 8: 208 steps per run (the paper: 20 × 10 = 200); 5 runs per
     # compiled call (a vmapped copy costs as much as a run alone on CPU, so few copies waste
     # least where a stage needs fewer).
@@ -205,6 +213,8 @@ LIMITS = {
     "resnet_epochs": _at_least(1),
     "resnet_probe_epochs": _epochs_within("resnet_epochs"),
     "theory_dim": _at_least(100),
+    "direction_batch": _at_least(1),
+    "landscape_batch": _at_least(1),
     "skip_measurements": lambda v, p: (
         None if set(v) <= _measurement_names() else
         f"expected names among {sorted(_measurement_names())}"),

@@ -147,3 +147,51 @@ def test_scaling_ladder_grows_at_the_quick_presets_task_settings():
       shapes = jax.eval_shape(lambda k: models.init_params(model, k), jax.random.PRNGKey(0))
       counts.append(sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes)))
     assert all(a < b for a, b in zip(counts, counts[1:])), (task, sizes, counts)
+
+
+def test_resnet_probes_use_batchnorm_running_statistics(tmp_path):
+  """Table 9 as the paper's code measures it (``model.eval()``): the probe programs' loss is
+  the evaluation-mode loss on the running statistics the training steps keep, not the
+  training-mode loss on the batch's own statistics."""
+  import optax
+  from flax import linen as nn
+  from experiments.training import loop
+  import optclip.models as models
+  preset = presets.SMOKE
+  task = tasks.build("images", preset, 0, cache_dir=str(tmp_path))
+  params, model_state = task.init_params(0), task.init_model_state(0)
+  assert set(model_state) == {"batch_stats"}
+  # A few training steps move the running statistics away from their start.
+  tx = optax.sgd(0.05)
+  step = loop.train_step(task.loss_fn, tx, loop.model_state_loss(task.model))
+  state = loop.initial_state(tx, params, model_state=model_state)
+  for batch in task.epoch_batches(0, 0):
+    state, _ = step(state, batch)
+  moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), state.model_state,
+                       model_state)
+  assert max(jax.tree.leaves(moved)) > 0
+  programs = trajectory._programs(task, "resnet", preset)
+  probe_batch = trajectory.probe_batch(task.test_batch, state)
+  k = len(programs.names)
+  stacked = jax.tree.map(lambda x: jnp.stack([x] * k), state.params)
+  _, measured = programs.first_order(state.params, stacked, probe_batch)
+  # Independently: Flax's apply in evaluation mode with the running averages.
+  logits = task.model.apply({"params": state.params, **state.model_state},
+                            task.test_batch["pixels"], train=False)
+  expected = -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(logits.shape[0]),
+                                                  task.test_batch["label"]])
+  np.testing.assert_allclose(float(measured["loss"]), float(expected), rtol=1e-5)
+  train_mode = float(models.make_loss_fn(task.model)(state.params, task.test_batch))
+  assert abs(train_mode - float(expected)) > 1e-4
+
+
+def test_scale_trend_rule():
+  """Toward the paper's value when every larger model is closer (log distance of the
+  magnitude for ratios, linear for the share), away when every one is farther."""
+  from experiments.sections import scaling
+  assert scaling.trend([0.3, 0.1, 0.01], 0.003) == "toward"
+  assert scaling.trend([0.016, 0.035, 0.091], 0.003) == "away"
+  assert scaling.trend([0.1, 0.01, 0.05], 0.003) == "mixed"
+  assert scaling.trend([-0.3, 0.1, -0.01], 0.003) == "toward"  # magnitudes
+  assert scaling.trend([0.2, 0.3, 0.45], 0.5) == "toward"
+  assert scaling.trend([0.45, 0.3, 0.2], 0.5) == "away"

@@ -85,12 +85,19 @@ class Programs(NamedTuple):
   landscape: Callable
   unit_vectors: Callable
   block_masks: Callable
+  quadratic_forms: Callable
   names: list  # the probe directions' labels, in order
   width: int  # directions per second_derivatives call
 
 
-def make_programs(loss_fn, names, steps, lanczos_iterations) -> Programs:
-  """The probe's compiled pieces for ``loss_fn(params, batch)`` and the probe ``names``."""
+def make_programs(loss_fn, names, steps, lanczos_iterations, *, direction_batch: int = 1,
+                  landscape_batch: int = 1) -> Programs:
+  """The probe's compiled pieces for ``loss_fn(params, batch)`` and the probe ``names``.
+
+  ``direction_batch`` directions share one vectorised Hessian-vector product in
+  ``quadratic_forms`` and ``landscape_batch`` (direction, step) pairs one forward in
+  ``landscape``: explicit, so that a CPU plan compiles what an accelerator runs.
+  """
   # One width for every second-derivative call: the probe directions, or the attribution's
   # modified directions (three sets of fractions) if there are more of those.
   width = max(len(names), 3 * len(ATTRIBUTION_FRACTIONS))
@@ -154,7 +161,19 @@ def make_programs(loss_fn, names, steps, lanczos_iterations) -> Programs:
 
   @jax.jit
   def landscape(params, stacked, test_batch):
-    return optclip.landscape(lambda p: loss_fn(p, test_batch), params, stacked, steps)
+    return optclip.landscape(lambda p: loss_fn(p, test_batch), params, stacked, steps,
+                             batch_size=landscape_batch)
+
+  @jax.jit
+  def quadratic_forms(params, stacked, test_batch):
+    """uᵀ∇²f(x)u for each of ``width`` directions by forward-over-reverse Hessian-vector
+    products, ``direction_batch`` at a time: for many sparse directions (unit vectors,
+    single blocks) on CPU about 4x faster than one Taylor-mode pass each (2.7 against 10 ms
+    per direction at t5-mini)."""
+    test_loss = lambda p: loss_fn(p, test_batch)
+    one = lambda u: geometry.tree_dot(u, curvature.hessian_vector_product(test_loss, params,
+                                                                          u))
+    return jax.lax.map(one, stacked, batch_size=direction_batch)
 
   @jax.jit
   def unit_vectors(params, leaf_ids, flat_indices):
@@ -174,7 +193,7 @@ def make_programs(loss_fn, names, steps, lanczos_iterations) -> Programs:
         for n, d in enumerate(jax.tree.leaves(stacked))])
 
   return Programs(first_order, second_derivatives, top_eigenvalue, attribution, landscape,
-                  unit_vectors, block_masks, list(names), width)
+                  unit_vectors, block_masks, quadratic_forms, list(names), width)
 
 
 def _pad(stacked, count):
@@ -252,7 +271,8 @@ def _block_sharpness(point: Point) -> dict:
       rows[j] = k
       keep[j] = [label == blocks[b] for label in labels]
     parts = programs.block_masks(point["directions"], jnp.asarray(rows), jnp.asarray(keep))
-    second = point.second(parts)[:len(chunk)]
+    second = np.asarray(programs.quadratic_forms(point["params"], parts, point["probe_batch"]),
+                        np.float64)[:len(chunk)]
     del parts
     for (k, b), value in zip(chunk, second):
       values[k, b] = value
@@ -296,8 +316,8 @@ def _diagonal_entries(point: Point, sample) -> np.ndarray:
     ids, index = np.full(width, -1, np.int32), np.zeros(width, np.int32)
     ids[:count], index[:count] = leaf_ids[start:start + count], flat[start:start + count]
     units = programs.unit_vectors(point["params"], jnp.asarray(ids), jnp.asarray(index))
-    values.append(np.asarray(programs.second_derivatives(
-        point["params"], units, jnp.zeros(width, jnp.float32), point["probe_batch"]))[:count])
+    values.append(np.asarray(programs.quadratic_forms(point["params"], units,
+                                                      point["probe_batch"]))[:count])
   return np.concatenate(values) if values else np.zeros(0)
 
 
@@ -368,9 +388,9 @@ MEASUREMENTS = (
         fields={"block_sharpness": "{blocks: the parameter blocks by kind, diagonal: K × B "
                                    "values u_bᵀ∇²f u_b/‖u‖², cross_share: per direction "
                                    "1 − Σ_b diagonal / sharpness}"},
-        programs=("block_masks", "second_derivatives"),
-        cost=lambda s: Cost(second_derivatives=s.width * -(-s.directions * s.blocks
-                                                           // s.width))),
+        programs=("block_masks", "quadratic_forms"),
+        cost=lambda s: Cost(hessian_vector_products=s.width * -(-s.directions * s.blocks
+                                                                // s.width))),
     Measurement("sgd_direction", ("directions", "names"), _sgd_direction,
                 produces=("sgd_update",)),
     Measurement(
@@ -389,8 +409,8 @@ MEASUREMENTS = (
                                     "sampled coordinates}, gradient, sgd_update: the same "
                                     "coordinates of the probe-batch gradient and of SGD's "
                                     "direction}"},
-        programs=("unit_vectors", "second_derivatives"),
-        cost=lambda s: Cost(second_derivatives=s.width * s.diagonal_calls),
+        programs=("unit_vectors", "quadratic_forms"),
+        cost=lambda s: Cost(hessian_vector_products=s.width * s.diagonal_calls),
         off=lambda p: None if p.curvature_samples > 0 else "curvature_samples=0"),
     Measurement(
         "lambda_max", ("params", "probe_batch", "key"), _lambda_max,

@@ -47,12 +47,21 @@ def _probe_step(model, kind, mesh=None):
                              functools.partial(_clip_statistics, names=tuple(tx.probes)))
 
 
-@functools.lru_cache(maxsize=None)
-def _programs(model, kind, steps, lanczos_iterations, mesh=None) -> measurements.Programs:
+def _programs(task, kind, preset, mesh=None) -> measurements.Programs:
   """The probe programs, on the loss in evaluation mode (BatchNorm on its running
   statistics, as the paper's code measures after ``model.eval()``)."""
-  return measurements.make_programs(loop.model_loss(model, mesh, mode="eval"),
-                                    [v.label for v in PROBES[kind]], steps, lanczos_iterations)
+  return _compiled_programs(task.model, kind, tuple(preset.landscape_steps),
+                            preset.lanczos_iterations, preset.direction_batch,
+                            preset.landscape_batch, mesh)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_programs(model, kind, steps, lanczos_iterations, direction_batch,
+                       landscape_batch, mesh):
+  """`_programs`, cached on exactly what the programs read."""
+  return measurements.make_programs(
+      loop.model_loss(model, mesh, mode="eval"), [v.label for v in PROBES[kind]], steps,
+      lanczos_iterations, direction_batch=direction_batch, landscape_batch=landscape_batch)
 
 
 def probe_batch(test_batch, state):
@@ -127,8 +136,7 @@ def run(ctx, task, trajectory: str, seed: int, *, kind: str = "transformer",
   with context:
     step = _train_step(task.model, kind, ctx.mesh)
     directions = _probe_step(task.model, kind, ctx.mesh)
-    programs = _programs(task.model, kind, tuple(preset.landscape_steps),
-                         preset.lanczos_iterations, ctx.mesh)
+    programs = _programs(task, kind, preset, ctx.mesh)
     tx = train_transform(trajectory, learning_rate, kind)
     names = list(tx.probes)
     params = task.init_params(seed)

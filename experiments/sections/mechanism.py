@@ -102,7 +102,10 @@ def write(out: str, records):
           "`tables/gradient_hessian_correlation_per_layer.md`, the binned relation in "
           "`figures/gradient_vs_hessian_diagonal.png`. The share of SGD's sharpness carried "
           "by its top coordinates by |g| is in the attribution table above.\n\n" + table), [
-              verdict("gradient_hessian", status, RULE, evidence)]
+              verdict("gradient_hessian", status, RULE, evidence,
+                      value=f"ρ's 90% intervals from {min(lo for lo, _ in intervals.values()):.2f} "
+                            f"to {max(hi for _, hi in intervals.values()):.2f}",
+                      paper="positive (Section 4.2's conjecture)")]
 
 
 EXPERIMENT = on_probe_units(

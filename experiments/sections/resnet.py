@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from experiments import probing
-from experiments.artifacts.tables import mean_std, write_table
+from experiments.artifacts.tables import bootstrap_interval, mean_std, write_table
 from experiments.paper import values as paper_values
 from experiments.paper.claims import verdict
 from experiments.probing import trajectory
@@ -45,9 +45,13 @@ def write(out: str, records):
     reference = float(np.median(transformer)) if transformer else float("nan")
     status = ("reproduced" if median >= 1 else
               "partly reproduced" if median >= 3 * reference else "not reproduced")
+    low, high = bootstrap_interval(adam, np.median)
+    paper = float(np.median([row["adam"] for row in paper_values.TABLE9.values()]))
     verdicts.append(verdict("resnet", status, RULE,
                             f"median Adam/SGD ratio {median:.3g} on the ResNet vs "
-                            f"{reference:.3g} on the transformers"))
+                            f"{reference:.3g} on the transformers",
+                            value=f"median Adam/SGD {median:.3g} [{low:.3g}, {high:.3g}]",
+                            paper=f"median Adam/SGD {paper:.3g} (Table 9)"))
   return "### ResNet, SGD trajectory (Table 9)\n\n" + table, verdicts
 
 

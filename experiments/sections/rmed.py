@@ -16,10 +16,12 @@ from experiments.setup.experiment import on_probe_units
 
 NAME = "rmed"
 BOOTSTRAP = 200
-RULE = ("per seed, log10 R_med over all parameters at the last probe point with a sample, "
-        "with a 5-95% bootstrap interval over the sampled coordinates; reproduced if every "
-        "Adam seed's upper end lies below every SGD seed's lower end, not reproduced if every "
-        "Adam lower end lies above every SGD upper end, otherwise no verdict (ambiguous)")
+RULE = ("per task, over every (seed, probe point, layer with 2+ dimensions) sampled on both "
+        "trajectories, paired (the same seed, epoch and coordinates): d = log10 R_med on "
+        "Adam's trajectory − on SGD's; a 90% bootstrap interval of the median d, resampling "
+        "(seed, probe point) clusters; reproduced if it lies below 0, not reproduced if above "
+        "0, inconclusive otherwise")
+LEVEL = 0.9
 
 
 def upper_median(values, weights=None):
@@ -66,6 +68,38 @@ def _bootstrap(curvature_sample, rng) -> np.ndarray:
   return np.asarray(out)
 
 
+def paired_layer_differences(sampled, task) -> dict:
+  """{(seed, epoch): log10 R_med(Adam's trajectory) − log10 R_med(SGD's), per 2-D layer}
+  where both trajectories have that seed and epoch sampled (the same coordinates: the
+  sample depends on the seed only)."""
+  layers = {}
+  for r in sampled:
+    if r["kind"] == "transformer" and r["task"] == task:
+      layers[(r["trajectory"], r["seed"], r["epoch"])] = sample_r_med(r["curvature_sample"])[1]
+  out = {}
+  for (trajectory, seed, epoch), adam in layers.items():
+    sgd = layers.get(("sgd", seed, epoch))
+    if trajectory != "adam" or sgd is None:
+      continue
+    with np.errstate(divide="ignore", invalid="ignore"):
+      d = [np.log10(adam[name]) - np.log10(sgd[name]) for name in adam if name in sgd]
+    d = np.asarray([v for v in d if np.isfinite(v)])
+    if d.size:
+      out[(seed, epoch)] = d
+  return out
+
+
+def cluster_bootstrap(clusters, statistic, level, rng, resamples: int = 2000) -> tuple:
+  """(low, high) of ``statistic`` over resamples of whole clusters (with replacement)."""
+  estimates = []
+  for _ in range(resamples):
+    chosen = rng.integers(0, len(clusters), len(clusters))
+    estimates.append(statistic(np.concatenate([clusters[i] for i in chosen])))
+  tail = (1 - level) / 2 * 100
+  low, high = np.percentile(estimates, [tail, 100 - tail])
+  return float(low), float(high)
+
+
 def write(out: str, records):
   sampled = probing.with_samples(records)
   if not sampled:
@@ -91,29 +125,36 @@ def write(out: str, records):
                                     "median of per-layer R_med"], rows)
   write_table(out, "rmed_per_layer", ["task", "trajectory", "seed", "epoch", "layer",
                                       "sampled", "R_med"], layer_rows)
-  verdicts = []
-  for task in sorted({key[0] for key in per_seed}):
-    adam = [v for (t, traj, _), v in per_seed.items() if t == task and traj == "adam"]
-    sgd = [v for (t, traj, _), v in per_seed.items() if t == task and traj == "sgd"]
-    if not adam or not sgd:
+  verdicts, paired_rows = [], []
+  for task in sorted({r["task"] for r in sampled if r["kind"] == "transformer"}):
+    clusters = paired_layer_differences(sampled, task)
+    if not clusters:
       continue
-    if max(a[2] for a in adam) < min(s[1] for s in sgd):
-      status = "reproduced"
-    elif min(a[1] for a in adam) > max(s[2] for s in sgd):
-      status = "not reproduced"
-    else:
-      status = "no verdict (the spread over seeds and samples overlaps)"
-    evidence = ("log10 R_med Adam " + ", ".join(f"{a[0]:.2f} [{a[1]:.2f}, {a[2]:.2f}]"
-                                              for a in adam)
-                + "; SGD " + ", ".join(f"{s[0]:.2f} [{s[1]:.2f}, {s[2]:.2f}]" for s in sgd))
-    verdicts.append(verdict("rmed", status, RULE, evidence, task))
+    d = np.concatenate(list(clusters.values()))
+    median = float(np.median(d))
+    low, high = cluster_bootstrap(list(clusters.values()), np.median, LEVEL, rng)
+    status = "reproduced" if high < 0 else "not reproduced" if low > 0 else "inconclusive"
+    paired_rows.append([task, len(clusters), d.size, median, low, high,
+                        float(np.mean(d < 0))])
+    evidence = (f"median d = {median:.3g} [{low:.3g}, {high:.3g}] over {d.size} (seed, point, "
+                f"layer) pairs in {len(clusters)} (seed, point) clusters; Adam's R_med is the "
+                f"smaller in {np.mean(d < 0):.0%} of them")
+    verdicts.append(verdict("rmed", status, RULE, evidence, task,
+                            value=f"median Δlog10 R_med (Adam − SGD) {median:.2g} "
+                                  f"[{low:.2g}, {high:.2g}]",
+                            paper="Adam's smaller (seed 002)"))
+  paired = write_table(out, "rmed_paired", ["task", "(seed, point) clusters", "layer pairs",
+                                            "median d = Δlog10 R_med (Adam − SGD)",
+                                            "90% low", "90% high", "share with Adam smaller"],
+                       paired_rows)
   return ("### R_med along the trajectories (seed 002)\n\nExact Hessian diagonal entries at a "
           "fixed random sample of coordinates per leaf (preset `curvature_samples`) on the "
           "probe batch. The value over all parameters weights each sampled entry by its "
           "leaf's size; per-layer values (leaves with 2+ dimensions) are in "
           "`tables/rmed_per_layer.md`. A sample's max underestimates the population's, so "
-          "R_med here is that of the sample design, identical for both trajectories.\n\n"
-          + table), verdicts
+          "R_med here is that of the sample design, identical for both trajectories, which "
+          "the verdict pairs layer by layer (`tables/rmed_paired.md`).\n\n" + table + "\n\n"
+          + paired), verdicts
 
 
 EXPERIMENT = on_probe_units(NAME, "seed 002's R_med along SGD and Adam trajectories", write,

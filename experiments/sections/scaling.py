@@ -17,6 +17,8 @@ from experiments import probing
 from experiments.artifacts.figures import new_figure, save_figure
 from experiments.artifacts.run_folder import figure_path
 from experiments.artifacts.tables import write_table
+from experiments.paper import values as paper_values
+from experiments.paper.claims import verdict
 from experiments.probing import trajectory
 from experiments.setup.experiment import Experiment
 
@@ -32,7 +34,7 @@ def _context(ctx):
   """The run's context with what the trend does not need switched off: one probe point, no
   landscape beyond x itself, no λ_max, no Hessian diagonal."""
   preset = dataclasses.replace(ctx.preset, landscape_steps=(0.0,), curvature_samples=0,
-                               lanczos_iterations=0)
+                               lanczos_iterations=0, skip_measurements=("block_sharpness",))
   return dataclasses.replace(ctx, preset=preset)
 
 
@@ -61,6 +63,45 @@ def _measures(record) -> dict:
   return {**{name: sharp[a] / sharp[b] for name, (a, b) in RATIOS.items()}, SHARE: share}
 
 
+def paper_value(task: str, name: str) -> float:
+  """The paper's value of a measure for ``task``: the median magnitude over its Tables 4-7
+  (both trajectories; its code tables hold a few negative entries), NaN where they lack the
+  algorithm, or 0.5 for the top-1% share (Figure 1: "most" of the sharpness)."""
+  if name == SHARE:
+    return 0.5
+  a, b = RATIOS[name]
+  ratio = lambda label: np.asarray(paper_values.ratios_of(task, label), np.float64)
+  if not ratio(a).size or not ratio(b).size:
+    return float("nan")
+  return float(np.median(np.abs(ratio(a) / (ratio(b) if b != "sgd" else 1.0))))
+
+
+def trend(values, target: float) -> str:
+  """Whether medians ordered by size approach ``target``: "toward" if every size is closer
+  than the one before (in log10 of the magnitude for ratios, linearly for a share), "away"
+  if every size is farther, else "mixed"."""
+  def distance(value):
+    if target == 0.5:  # the share
+      return abs(value - target)
+    return abs(np.log10(max(abs(value), 1e-300)) - np.log10(target))
+  d = [distance(v) for v in values]
+  steps = np.diff(d)
+  if np.all(steps < 0):
+    return "toward"
+  if np.all(steps > 0):
+    return "away"
+  return "mixed"
+
+
+TREND_RULE = ("per task and measure, the medians over seeds at the three sizes, smallest "
+              "first: reproduced if each larger model's value is closer to the paper's (log "
+              "distance for the ratios; the share against 0.5), not reproduced if each is "
+              "farther, mixed otherwise")
+TREND_CLAIMS = {
+    "Adam / SGD": "adaptive_sharper", "SGD clip 10% / SGD": "clipping_helps",
+    "Adam clip 50% / Adam": "clipping_helps", SHARE: "top_coordinates"}
+
+
 def write(out: str, records):
   probes = [r for r in records if probing.is_probe(r, KIND)]
   if not probes:
@@ -70,7 +111,7 @@ def write(out: str, records):
            if r["experiment"] == trajectory.EXPERIMENT and r.get("kind") == KIND
            and r["key"].endswith("/start")}
   _parameters = lambda record: sizes[(record["task"], record["model"])]
-  rows = []
+  rows, verdicts = [], []
   fig, axes = new_figure(1, len(RATIOS) + 1, figsize=(13, 3.6))
   for task in SIZES:
     sizes = sorted({(_parameters(r), r["model"]) for r in probes if r["task"] == task})
@@ -80,6 +121,20 @@ def write(out: str, records):
       runs = measured[model]
       rows.append([task, model, count, len(runs),
                    *[float(np.median([m[name] for m in runs])) for name in [*RATIOS, SHARE]]])
+    for name in [*RATIOS, SHARE]:
+      medians = [float(np.median([m[name] for m in measured[model]])) for _, model in sizes]
+      target = paper_value(task, name)
+      if not np.isfinite(target):  # the paper's tables of this task lack the algorithm
+        continue
+      direction = trend(medians, target)
+      status = {"toward": "reproduced", "away": "not reproduced"}.get(direction, "mixed")
+      values = " → ".join(f"{v:.3g}" for v in medians)
+      verdicts.append(verdict(
+          TREND_CLAIMS[name], status, TREND_RULE,
+          f"{name}: {values} over {', '.join(f'{c / 1e3:.0f}K' for c, _ in sizes)} "
+          f"parameters ({direction} the paper's {target:.3g})",
+          f"scale trend, {task}, {name}", value=f"{values} ({direction})",
+          paper=f"{target:.3g}"))
     for axis, name in zip(axes, [*RATIOS, SHARE]):
       counts = [count for count, _ in sizes]
       axis.plot(counts, [np.median([m[name] for m in measured[model]]) for _, model in sizes],
@@ -97,7 +152,7 @@ def write(out: str, records):
                                        *[f"{n} (median)" for n in [*RATIOS, SHARE]]], rows)
   return ("### Scale trend (beyond the paper)\n\nSGD trajectory, every seed, at the last "
           "epoch: the medians over seeds (dots: every seed). Figure: `figures/scaling.png`."
-          "\n\n" + table), []
+          "\n\n" + table), verdicts
 
 
 EXPERIMENT = Experiment(
