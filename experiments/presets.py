@@ -29,6 +29,11 @@ class TaskPreset:
   # The code task's input masking: 0 trains a plain causal LM on raw tokens (the paper's
   # code); 0.15 replaces that share of input tokens by <mask> once (Appendix B.1's text).
   mask_probability: float = 0.0
+  # Examples per micro-batch in every program (0: the whole batch in one pass; exact either
+  # way, optclip.microbatch), and the rematerialisation policy of the reverse-mode programs
+  # per transformer block ("" none, "nothing", "dots"; optclip.models.layers.REMAT_POLICIES).
+  microbatch_size: int = 0
+  remat: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,11 +69,13 @@ class Preset:
   # Where the probe batch comes from: "train" (a fixed subset of the training subset, as the
   # paper's code; Appendix B.3) or "held-out" (outside it).
   probe_batch: str = "train"
-  # Directions evaluated together by one vectorised Hessian-vector product (the Hessian
-  # diagonal's unit vectors, the block split), and (direction, step) pairs by one forward
-  # (the landscape): explicit, so that a CPU plan compiles what an accelerator would run.
-  direction_batch: int = 1
+  # (direction, step) pairs of the landscape evaluated by one forward: explicit, so that a
+  # CPU plan compiles what an accelerator would run.
   landscape_batch: int = 1
+  # The training step also returns every probe's update, so one compiled program serves
+  # training and the probe points (saves a compile per task where the 20 stacked updates
+  # are small; at the paper's sizes they would crowd the step out).
+  fused_probe_step: bool = False
   # Probe measurements not to take (names in experiments.probing.measurements), e.g.
   # ("block_sharpness",); the report marks what they feed as not run.
   skip_measurements: tuple = ()
@@ -92,7 +99,7 @@ SMOKE = Preset(
                       pretrain_size=32, pretrain_epochs=1),
     epochs=2, probe_epochs=(1, 2), trajectory_learning_rates={"sgd": 1e-2, "adam": 1e-3},
     landscape_steps=(0.0,) + _steps(1e-3, 1.0, 5), curvature_samples=4, curvature_at="last",
-    lanczos_iterations=8, direction_batch=20,
+    lanczos_iterations=8, fused_probe_step=True,
     convergence_epochs=2, convergence_batch_size=8, convergence_tuning_seeds=(100,),
     convergence_seeds=(0,), convergence_coarse_points=5, convergence_copies=5,
     smoothness_epochs=2,
@@ -121,11 +128,11 @@ QUICK = Preset(
     # by at least 5% over the 20 epochs from the pretrained start (experiments.probing.pilot;
     # the criterion for "visibly trains" was fixed before any run).
     trajectory_learning_rates={"sgd": (0.03, 0.1, 0.3), "adam": (2e-4, 1e-3)},
-    # The Hessian diagonal at a fixed sample of 8 coordinates per leaf at every probe point, so
-    # that R_med compares trajectories point by point (the full diagonal of every 2-D leaf,
-    # one Hessian-vector product per entry, would take ~145 s per probe point at t5-mini).
-    landscape_steps=(0.0,) + _steps(1e-3, 10.0, 15), curvature_samples=8, curvature_at="every",
-    lanczos_iterations=20, direction_batch=20,
+    # The Hessian diagonal at a fixed sample of 8 coordinates per leaf at the last probe point
+    # (an exact entry costs ~7 ms at t5-mini: every probe point would add ~100 s to the run;
+    # the full diagonal of every 2-D leaf, 53K entries, ~6 minutes per probe point).
+    landscape_steps=(0.0,) + _steps(1e-3, 10.0, 15), curvature_samples=8, curvature_at="last",
+    lanczos_iterations=20, fused_probe_step=True,
     # 13 epochs of 16 batches of 8: 208 steps per run (the paper: 20 × 10 = 200); 5 runs per
     # compiled call (a vmapped copy costs as much as a run alone on CPU, so few copies waste
     # least where a stage needs fewer).
@@ -213,7 +220,6 @@ LIMITS = {
     "resnet_epochs": _at_least(1),
     "resnet_probe_epochs": _epochs_within("resnet_epochs"),
     "theory_dim": _at_least(100),
-    "direction_batch": _at_least(1),
     "landscape_batch": _at_least(1),
     "skip_measurements": lambda v, p: (
         None if set(v) <= _measurement_names() else
@@ -236,7 +242,22 @@ TASK_LIMITS = {
     "pretrain_epochs": _at_least(0),
     "pretrain_learning_rate": _positive,
     "mask_probability": lambda v, p: None if 0 <= v < 1 else "expected a number in [0, 1)",
+    "microbatch_size": lambda v, p: (
+        None if v == 0 or (v > 0 and p.batch_size % v == 0 and p.test_size % v == 0) else
+        f"expected 0 or a size that divides batch_size ({p.batch_size}) and test_size "
+        f"({p.test_size}): one of {_common_divisors(p.batch_size, p.test_size)}"),
+    "remat": lambda v, p: None if v in _remat_policies() else
+                          f"expected one of {sorted(_remat_policies())}",
 }
+
+
+def _common_divisors(a: int, b: int) -> list:
+  return [d for d in range(1, min(a, b) + 1) if a % d == 0 and b % d == 0]
+
+
+def _remat_policies() -> dict:
+  from optclip.models.layers import REMAT_POLICIES
+  return REMAT_POLICIES
 
 
 def problems(preset: Preset) -> dict:
@@ -252,6 +273,9 @@ def problems(preset: Preset) -> dict:
       problem = check(getattr(task_preset, field), task_preset)
       if problem:
         found[f"{task}.{field}"] = problem
+  if preset.images.microbatch_size:
+    found["images.microbatch_size"] = ("expected 0: the ResNet trains on BatchNorm's batch "
+                                       "statistics, which are not a sum over examples")
   return found
 
 # Table 3 of the paper (learning rates of the convergence experiment); None = relative step.

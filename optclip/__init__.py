@@ -14,10 +14,9 @@ References:
 from optclip import curvature, geometry, probes, sharding
 from optclip.clipping import CoordClipState, clip_threshold, clip_to_threshold, coord_clip
 from optclip.geometry import directional_sharpness, gradient_correlation, landscape
-from optclip.optimizers import (adafactor, adam, lion, normalized_sgd,
-                                scale_by_clipped_adafactor, scale_by_clipped_adam,
-                                scale_by_clipped_lion, scale_by_frobenius_normalization, sgd,
-                                sign_sgd)
+from optclip.optimizers import (adafactor, adam, lion, normalized_sgd, scale_by_clipped_adafactor,
+                                scale_by_clipped_adam, scale_by_clipped_lion,
+                                scale_by_frobenius_normalization, sgd, sign_sgd)
 
 __version__ = "0.1.0"
 

@@ -14,12 +14,13 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.flatten_util import ravel_pytree
 from matfree import decomp, eig, stochtrace
 
 from optclip.sharding import explicit_spec
 
-__all__ = ["TraceEstimate", "eigenpairs", "spectral_density", "trace"]
+__all__ = ["TraceEstimate", "eigenpairs", "spectral_density", "top_eigenvalue", "trace"]
 
 
 def _unsharded(like, what: str):
@@ -38,6 +39,89 @@ def _normal_like(key, like):
 
 def _size(like) -> int:
   return int(sum(jnp.size(x) for x in jax.tree.leaves(like)))
+
+
+def _tree_dot(a, b):
+  """⟨a, b⟩ leaf by leaf in float32 at least (``jnp.sum(a * b)``: sharding-safe)."""
+  terms = [jnp.sum(x.astype(jnp.promote_types(x.dtype, jnp.float32)) * y)
+           for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))]
+  return sum(terms) if terms else jnp.zeros(())
+
+
+def _like(value, leaf):
+  """``value`` resharded like ``leaf`` where an explicit-sharding mesh splits ``leaf``."""
+  spec = explicit_spec(leaf)
+  return value if spec is None else jax.sharding.reshard(value, spec)
+
+
+def _stacked_zeros(leaf, count: int):
+  """Zeros of shape (count, *leaf.shape), sharded like ``leaf`` on its own axes."""
+  spec = explicit_spec(leaf)
+  zeros = jnp.zeros((count,) + jnp.shape(leaf), jnp.result_type(leaf))
+  return zeros if spec is None else jax.sharding.reshard(
+      zeros, jax.sharding.PartitionSpec(None, *spec))
+
+
+def top_eigenvalue(matvec: Callable, like, *, iters: int = 30, key=None) -> jax.Array:
+  """The largest (algebraic) eigenvalue of a symmetric operator by Lanczos with full
+  reorthogonalisation, leaf by leaf.
+
+  Unlike matfree (which ravels its pytrees), every vector here keeps the structure and the
+  sharding of ``like``: the Krylov basis is stored per leaf with a leading axis, inner
+  products are ``jnp.sum(a * b)`` per leaf, so the only communication beyond ``matvec``
+  is a few scalars per leaf and step. ``iters`` is capped at the dimension; once the
+  Krylov space is exhausted (breakdown: the residual vanishes), the remaining steps add
+  copies of the first Rayleigh quotient, below the Ritz values already found, so the
+  answer is that of the steps before (no division by a vanishing norm, no NaN).
+
+  Args:
+    matvec: ``v -> A v`` on pytrees like ``like``.
+    like: a pytree of arrays (shapes, dtypes and shardings of the vectors).
+    iters: Lanczos steps, a positive integer.
+    key: PRNG key for the start vector (default key 0).
+  """
+  if isinstance(iters, bool) or not isinstance(iters, (int, np.integer)) or iters < 1:
+    raise ValueError(f"top_eigenvalue: iters must be a positive integer, got {iters!r}")
+  iters = int(min(iters, _size(like)))
+  key = jax.random.key(0) if key is None else key
+  leaves, treedef = jax.tree.flatten(like)
+  keys = jax.random.split(key, len(leaves))
+  start = jax.tree.unflatten(treedef, [
+      _like(jax.random.normal(k, jnp.shape(l), jnp.result_type(l)), l)
+      for k, l in zip(keys, leaves)])
+  start = jax.tree.map(lambda v: v / jnp.sqrt(_tree_dot(start, start)), start)
+  basis = jax.tree.map(lambda v: _stacked_zeros(v, iters), start)
+  scale = jnp.zeros(())
+
+  def step(i, carry):
+    basis, alphas, betas, v, v_prev, beta, scale, alive = carry
+    basis = jax.tree.map(lambda b, x: b.at[i].set(x), basis, v)
+    w = matvec(v)
+    alpha = _tree_dot(w, v)
+    w = jax.tree.map(lambda a, b, c: a - alpha * b - beta * c, w, v, v_prev)
+    # Full reorthogonalization against the stored basis (rows beyond i are zero).
+    coeffs = sum(jnp.tensordot(b, x, axes=(tuple(range(1, b.ndim)), tuple(range(x.ndim))))
+                 for b, x in zip(jax.tree.leaves(basis), jax.tree.leaves(w)))
+    w = jax.tree.map(lambda x, b: x - jnp.tensordot(coeffs, b, axes=1).astype(x.dtype), w,
+                     basis)
+    beta_next = jnp.sqrt(_tree_dot(w, w))
+    scale = jnp.maximum(scale, jnp.abs(alpha) + beta)
+    # A residual at rounding level means the Krylov space is exhausted: stop there.
+    broken = beta_next <= 1e-6 * jnp.maximum(scale, jnp.finfo(jnp.float32).tiny)
+    alive_next = alive & ~broken
+    alphas = alphas.at[i].set(jnp.where(alive, alpha, alphas[0]))
+    betas = betas.at[i].set(jnp.where(alive_next, beta_next, 0.0))
+    v_next = jax.tree.map(lambda x: jnp.where(alive_next, x / jnp.where(broken, 1.0, beta_next),
+                                              jnp.zeros_like(x)), w)
+    return (basis, alphas, betas, v_next, v, jnp.where(alive_next, beta_next, 0.0), scale,
+            alive_next)
+
+  zeros = jax.tree.map(jnp.zeros_like, start)
+  carry = (basis, jnp.zeros((iters,)), jnp.zeros((iters,)), start, zeros, jnp.zeros(()),
+           scale, jnp.asarray(True))
+  _, alphas, betas, *_ = jax.lax.fori_loop(0, iters, step, carry)
+  tridiagonal = jnp.diag(alphas) + jnp.diag(betas[:-1], 1) + jnp.diag(betas[:-1], -1)
+  return jnp.linalg.eigvalsh(tridiagonal)[-1]
 
 
 def eigenpairs(matvec: Callable, like, k: int, *, key=None, num_matvecs: int | None = None):

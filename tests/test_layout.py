@@ -147,8 +147,10 @@ def _probe_record(task, trajectory, seed, epoch, rng, *, drop=()):
                                                        ("sgd", "adam", "adafactor")},
       "sharpness": list(rng.random(k) + 0.1), "sharpness_robust": list(rng.random(k) + 0.1),
       "shifted": [False] * k, "landscape": (2.0 - rng.random((k, steps)) * [0, 1, 1, 1]).tolist(),
-      "block_sharpness": {"blocks": ["embedding", "mlp"], "diagonal": rng.random((k, 2)).tolist(),
-                          "cross_share": list(rng.random(k))},
+      "block_sharpness": {"directions": ["sgd", "sgd, clip grad 0.1", "adam",
+                                         "adam, clip grad 0.5"], "blocks": ["embedding", "mlp"],
+                          "diagonal": rng.random((4, 2)).tolist(),
+                          "cross_share": list(rng.random(4))},
       "attribution": {"fractions": [0.001, 0.01, 0.05, 0.1, 0.5], "sharpness": 1.0,
                       **{f: list(rng.random(5)) for f in (
                           "share", "norm_share", "share_by_gradient", "norm_share_by_gradient",

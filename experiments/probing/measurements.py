@@ -31,10 +31,13 @@ import numpy as np
 
 import optclip
 from optclip import blocks as block_partition
-from optclip import curvature, geometry
+from optclip import curvature, geometry, spectrum
+from optclip.microbatch import as_objective
 
 ROBUST_DELTA = 0.01  # Appendix B, Eq. (4)
 ATTRIBUTION_FRACTIONS = (0.001, 0.01, 0.05, 0.1, 0.5)
+# The directions the block split is taken for (what its section shows).
+BLOCK_DIRECTIONS = ("sgd", "sgd, clip grad 0.1", "adam", "adam, clip grad 0.5")
 HISTOGRAM_BINS = 64
 HISTOGRAM_RANGE = (-16.0, 0.0)
 # Inputs that belong to the caller (never freed here); everything else a measurement reads
@@ -85,19 +88,22 @@ class Programs(NamedTuple):
   landscape: Callable
   unit_vectors: Callable
   block_masks: Callable
-  quadratic_forms: Callable
   names: list  # the probe directions' labels, in order
   width: int  # directions per second_derivatives call
 
 
-def make_programs(loss_fn, names, steps, lanczos_iterations, *, direction_batch: int = 1,
-                  landscape_batch: int = 1) -> Programs:
-  """The probe's compiled pieces for ``loss_fn(params, batch)`` and the probe ``names``.
+def make_programs(loss_fn, names, steps, lanczos_iterations, *, landscape_batch: int = 1,
+                  reverse=None) -> Programs:
+  """The probe's compiled pieces for the loss (``loss_fn(params, batch)``, or an
+  `optclip.microbatch.Objective`: every program then sums over micro-batches) and the probe
+  ``names``; ``reverse`` (default: the same) is the objective of the reverse-mode programs
+  (gradient, Hessian-vector products), which may rematerialise per block.
 
-  ``direction_batch`` directions share one vectorised Hessian-vector product in
-  ``quadratic_forms`` and ``landscape_batch`` (direction, step) pairs one forward in
-  ``landscape``: explicit, so that a CPU plan compiles what an accelerator runs.
+  Directions are evaluated one at a time and ``landscape_batch`` (direction, step) pairs
+  per forward: explicit, so that a CPU plan compiles what an accelerator runs.
   """
+  forward = as_objective(loss_fn)
+  reverse = forward if reverse is None else as_objective(reverse)
   # One width for every second-derivative call: the probe directions, or the attribution's
   # modified directions (three sets of fractions) if there are more of those.
   width = max(len(names), 3 * len(ATTRIBUTION_FRACTIONS))
@@ -107,7 +113,7 @@ def make_programs(loss_fn, names, steps, lanczos_iterations, *, direction_batch:
   def first_order(params, stacked, test_batch):
     """The probe-batch loss and gradient, Eq. 1's first-order term of every direction and
     the coordinate histograms of Figure 1."""
-    loss, test_grads = jax.value_and_grad(loss_fn)(params, test_batch)
+    loss, test_grads = reverse.value_and_grad(params, test_batch)
     correlation = jax.vmap(lambda u: optclip.gradient_correlation(test_grads, u))(stacked)
     row = lambda name: jax.tree.map(lambda d: d[names.index(name)], stacked)
     histograms = {n: geometry.coordinate_histogram(row(n), HISTOGRAM_BINS, HISTOGRAM_RANGE)
@@ -124,56 +130,48 @@ def make_programs(loss_fn, names, steps, lanczos_iterations, *, direction_batch:
     is Appendix B's Eq. (4). Exact (Taylor mode, as `optclip.directional_sharpness`), one
     direction at a time: on CPU that is faster than vmapping them, and it keeps one
     direction's tangents in memory."""
-    test_loss = lambda p: loss_fn(p, test_batch)
-
     def one(args):
       u, shift = args
       scale = shift * ROBUST_DELTA / jnp.maximum(geometry.tree_norm(u), 1e-30)
       point = jax.tree.map(lambda x, d: (x + scale * d).astype(x.dtype), params, u)
-      return geometry.second_derivative(test_loss, point, u, "auto")
+      return forward.apply(lambda f: geometry.second_derivative(f, point, u, "auto"),
+                           test_batch)
 
     return jax.lax.map(one, (stacked, shifts))
 
+  def hvp(params, vector, test_batch):
+    return reverse.apply(lambda f: curvature.hessian_vector_product(f, params, vector),
+                         test_batch)
+
   @jax.jit
   def top_eigenvalue(params, test_batch, key):
-    return curvature.top_hessian_eigenvalue(lambda p: loss_fn(p, test_batch), params,
-                                            iters=lanczos_iterations, key=key)
+    return spectrum.top_eigenvalue(lambda v: hvp(params, v, test_batch), params,
+                                   iters=lanczos_iterations, key=key)
 
   @jax.jit
   def attribution(params, sgd_update, test_grads, test_batch):
     """SGD's sharpness and its attribution to the top coordinates by |u| and by |g|; the
     modified directions (u without its top by |u|, u clipped, u without its top by |g|;
     then zero directions up to ``width``) come back for `second_derivatives`."""
-    hvp = curvature.hessian_vector_product(lambda p: loss_fn(p, test_batch), params,
-                                           sgd_update)
-    share, norm_share, modified = geometry.attribution_terms(sgd_update, hvp,
+    product = hvp(params, sgd_update, test_batch)
+    share, norm_share, modified = geometry.attribution_terms(sgd_update, product,
                                                              ATTRIBUTION_FRACTIONS)
     share_g, norm_share_g, modified_g = geometry.attribution_terms(
-        sgd_update, hvp, ATTRIBUTION_FRACTIONS, select_by=test_grads)
+        sgd_update, product, ATTRIBUTION_FRACTIONS, select_by=test_grads)
     count = len(ATTRIBUTION_FRACTIONS)
     # Padded here to `width` with zero directions, so that no padded copy is made later.
     modified = jax.tree.map(lambda a, b: jnp.concatenate(
         [a, b[:count], jnp.zeros((width - 3 * count,) + a.shape[1:], a.dtype)]), modified,
         modified_g)
-    sharpness = geometry.tree_dot(sgd_update, hvp) / geometry.tree_dot(sgd_update, sgd_update)
+    sharpness = (geometry.tree_dot(sgd_update, product)
+                 / geometry.tree_dot(sgd_update, sgd_update))
     return (sharpness, share, norm_share, share_g, norm_share_g,
             jax.vmap(lambda u: geometry.tree_dot(u, u))(modified), modified)
 
   @jax.jit
   def landscape(params, stacked, test_batch):
-    return optclip.landscape(lambda p: loss_fn(p, test_batch), params, stacked, steps,
-                             batch_size=landscape_batch)
-
-  @jax.jit
-  def quadratic_forms(params, stacked, test_batch):
-    """uᵀ∇²f(x)u for each of ``width`` directions by forward-over-reverse Hessian-vector
-    products, ``direction_batch`` at a time: for many sparse directions (unit vectors,
-    single blocks) on CPU about 4x faster than one Taylor-mode pass each (2.7 against 10 ms
-    per direction at t5-mini)."""
-    test_loss = lambda p: loss_fn(p, test_batch)
-    one = lambda u: geometry.tree_dot(u, curvature.hessian_vector_product(test_loss, params,
-                                                                          u))
-    return jax.lax.map(one, stacked, batch_size=direction_batch)
+    return forward.apply(lambda f: optclip.landscape(f, params, stacked, steps,
+                                                     batch_size=landscape_batch), test_batch)
 
   @jax.jit
   def unit_vectors(params, leaf_ids, flat_indices):
@@ -193,7 +191,7 @@ def make_programs(loss_fn, names, steps, lanczos_iterations, *, direction_batch:
         for n, d in enumerate(jax.tree.leaves(stacked))])
 
   return Programs(first_order, second_derivatives, top_eigenvalue, attribution, landscape,
-                  unit_vectors, block_masks, quadratic_forms, list(names), width)
+                  unit_vectors, block_masks, list(names), width)
 
 
 def _pad(stacked, count):
@@ -257,11 +255,12 @@ def block_labels(params) -> list:
 
 
 def _block_sharpness(point: Point) -> dict:
-  """u_bᵀ∇²f u_b / ‖u‖² for every direction u and block b (u_b: u on b's leaves only), and
-  the cross terms' share 1 − Σ_b u_bᵀ∇²f u_b / uᵀ∇²f u."""
+  """u_bᵀ∇²f u_b / ‖u‖² for the directions of BLOCK_DIRECTIONS and every block b (u_b: u on
+  b's leaves only), and the cross terms' share 1 − Σ_b u_bᵀ∇²f u_b / uᵀ∇²f u."""
   programs, names = point.programs, point["names"]
   labels, blocks = block_labels(point["params"])
-  pairs = [(k, b) for k in range(len(names)) for b in range(len(blocks))]
+  chosen = [names.index(n) for n in BLOCK_DIRECTIONS if n in names]
+  pairs = [(k, b) for k in chosen for b in range(len(blocks))]
   values = np.zeros((len(names), len(blocks)))
   for start in range(0, len(pairs), programs.width):
     chunk = pairs[start:start + programs.width]
@@ -271,15 +270,15 @@ def _block_sharpness(point: Point) -> dict:
       rows[j] = k
       keep[j] = [label == blocks[b] for label in labels]
     parts = programs.block_masks(point["directions"], jnp.asarray(rows), jnp.asarray(keep))
-    second = np.asarray(programs.quadratic_forms(point["params"], parts, point["probe_batch"]),
-                        np.float64)[:len(chunk)]
+    second = point.second(parts)[:len(chunk)]
     del parts
     for (k, b), value in zip(chunk, second):
       values[k, b] = value
   with np.errstate(divide="ignore", invalid="ignore"):  # a zero direction: undefined
-    diagonal = values / point["norm_sq"][:, None]
-    cross = 1.0 - diagonal.sum(axis=1) / point["sharpness"]
-  return {"block_sharpness": {"blocks": blocks, "diagonal": diagonal, "cross_share": cross}}
+    diagonal = (values / point["norm_sq"][:, None])[chosen]
+    cross = 1.0 - diagonal.sum(axis=1) / point["sharpness"][chosen]
+  return {"block_sharpness": {"directions": [names[k] for k in chosen], "blocks": blocks,
+                              "diagonal": diagonal, "cross_share": cross}}
 
 
 def _sgd_direction(point: Point) -> dict:
@@ -316,8 +315,8 @@ def _diagonal_entries(point: Point, sample) -> np.ndarray:
     ids, index = np.full(width, -1, np.int32), np.zeros(width, np.int32)
     ids[:count], index[:count] = leaf_ids[start:start + count], flat[start:start + count]
     units = programs.unit_vectors(point["params"], jnp.asarray(ids), jnp.asarray(index))
-    values.append(np.asarray(programs.quadratic_forms(point["params"], units,
-                                                      point["probe_batch"]))[:count])
+    values.append(np.asarray(programs.second_derivatives(
+        point["params"], units, jnp.zeros(width, jnp.float32), point["probe_batch"]))[:count])
   return np.concatenate(values) if values else np.zeros(0)
 
 
@@ -385,12 +384,13 @@ MEASUREMENTS = (
     Measurement(
         "block_sharpness", ("params", "directions", "probe_batch", "names", "norm_sq",
                             "sharpness"), _block_sharpness,
-        fields={"block_sharpness": "{blocks: the parameter blocks by kind, diagonal: K × B "
+        fields={"block_sharpness": "{directions: the D directions split (BLOCK_DIRECTIONS), "
+                                   "blocks: the parameter blocks by kind, diagonal: D × B "
                                    "values u_bᵀ∇²f u_b/‖u‖², cross_share: per direction "
                                    "1 − Σ_b diagonal / sharpness}"},
-        programs=("block_masks", "quadratic_forms"),
-        cost=lambda s: Cost(hessian_vector_products=s.width * -(-s.directions * s.blocks
-                                                                // s.width))),
+        programs=("block_masks", "second_derivatives"),
+        cost=lambda s: Cost(second_derivatives=s.width * -(-len(BLOCK_DIRECTIONS) * s.blocks
+                                                           // s.width))),
     Measurement("sgd_direction", ("directions", "names"), _sgd_direction,
                 produces=("sgd_update",)),
     Measurement(
@@ -409,8 +409,8 @@ MEASUREMENTS = (
                                     "sampled coordinates}, gradient, sgd_update: the same "
                                     "coordinates of the probe-batch gradient and of SGD's "
                                     "direction}"},
-        programs=("unit_vectors", "quadratic_forms"),
-        cost=lambda s: Cost(hessian_vector_products=s.width * s.diagonal_calls),
+        programs=("unit_vectors", "second_derivatives"),
+        cost=lambda s: Cost(second_derivatives=s.width * s.diagonal_calls),
         off=lambda p: None if p.curvature_samples > 0 else "curvature_samples=0"),
     Measurement(
         "lambda_max", ("params", "probe_batch", "key"), _lambda_max,

@@ -24,9 +24,9 @@ DROP = 0.05
 
 
 @functools.lru_cache(maxsize=None)
-def _programs(model, trajectory: str, mesh=None):
+def _programs(model, trajectory: str, microbatch_size: int, remat: str, mesh):
   options = {"momentum_start": PROBE_MOMENTUM_START} if trajectory in SGD_FAMILY else {}
-  return sweep.programs(loop.model_loss(model, mesh),
+  return sweep.programs(loop.model_objective(model, mesh, "train", microbatch_size, remat),
                         Variant(trajectory).make(1.0, tunable=True, **options))
 
 
@@ -52,7 +52,8 @@ def learning_rate(ctx, task_name: str, trajectory: str, *, kind: str, epochs: in
     task = ctx.task(task_name, seed)
     rates = [float(r) for r in grid]
     curves = sweep.train_copies(
-        _programs(task.model, trajectory, ctx.mesh), task.init_params,
+        _programs(task.model, trajectory, task.preset.microbatch_size, task.preset.remat,
+                  ctx.mesh), task.init_params,
         lambda s: task.train, [sweep.Run(rate, seed) for rate in rates], epochs=epochs,
         batch_size=task.batch_size, evaluate_of=lambda s: task.test_batch)
     rate, met = chosen_rate(rates, curves.start_loss, curves.final_loss)

@@ -17,6 +17,7 @@ import functools
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 import optclip
@@ -29,39 +30,47 @@ EXPERIMENT = "trajectory"
 TRANSFORMER_TASKS = ("translation", "code")
 
 
-@functools.lru_cache(maxsize=None)
-def _train_step(model, kind, mesh=None):
-  """The jitted training step of every trajectory, rate and seed of a task (they differ only
-  in the state): one compile."""
-  return loop.train_step(loop.model_loss(model, mesh),
-                         train_transform(TRAJECTORIES[0], 1.0, kind),
-                         loop.model_state_loss(model, mesh))
+def steps(task, kind: str, preset, mesh=None) -> tuple:
+  """(train step, directions): the jitted training step of every trajectory, rate and seed
+  of a task (they differ only in the state), and ``directions(state, batch) ->
+  (probe updates, clip statistics)``, every probe's update of the next step from ``state``
+  (not taken) and what the clipped probes' clips did in it. Cached on what they read."""
+  return _steps(task.model, kind, preset.fused_probe_step, task.preset.microbatch_size,
+                task.preset.remat, mesh)
 
 
 @functools.lru_cache(maxsize=None)
-def _probe_step(model, kind, mesh=None):
-  """The directions at a probe point: every probe's update of the next step (not taken),
-  and what the clipped probes' clips did in it."""
+def _steps(model, kind, fused: bool, microbatch_size: int, remat: str, mesh):
   tx = train_transform(TRAJECTORIES[0], 1.0, kind)
-  return loop.probe_step(loop.model_loss(model, mesh), tx,
-                             functools.partial(_clip_statistics, names=tuple(tx.probes)))
+  objective = loop.model_objective(model, mesh, "train", microbatch_size, remat)
+  read_state = functools.partial(_clip_statistics, names=tuple(tx.probes))
+  state_loss = loop.model_state_loss(model, mesh)
+  if fused:
+    # One program for training and probe points (the quick presets, where the 20 stacked
+    # updates every step returns are small): the directions are the outputs of a step taken
+    # on a copy of the state (the step donates its input).
+    step = loop.train_step(objective, tx, state_loss, probe_outputs=read_state)
+    return step, lambda state, batch: step(jax.tree.map(jnp.copy, state), batch)[2:]
+  return (loop.train_step(objective, tx, state_loss),
+          loop.probe_step(objective, tx, read_state))
 
 
 def _programs(task, kind, preset, mesh=None) -> measurements.Programs:
   """The probe programs, on the loss in evaluation mode (BatchNorm on its running
   statistics, as the paper's code measures after ``model.eval()``)."""
   return _compiled_programs(task.model, kind, tuple(preset.landscape_steps),
-                            preset.lanczos_iterations, preset.direction_batch,
-                            preset.landscape_batch, mesh)
+                            preset.lanczos_iterations, preset.landscape_batch,
+                            task.preset.microbatch_size, task.preset.remat, mesh)
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled_programs(model, kind, steps, lanczos_iterations, direction_batch,
-                       landscape_batch, mesh):
+def _compiled_programs(model, kind, steps, lanczos_iterations, landscape_batch,
+                       microbatch_size, remat, mesh):
   """`_programs`, cached on exactly what the programs read."""
+  objective = lambda remat: loop.model_objective(model, mesh, "eval", microbatch_size, remat)
   return measurements.make_programs(
-      loop.model_loss(model, mesh, mode="eval"), [v.label for v in PROBES[kind]], steps,
-      lanczos_iterations, direction_batch=direction_batch, landscape_batch=landscape_batch)
+      objective(""), [v.label for v in PROBES[kind]], steps, lanczos_iterations,
+      landscape_batch=landscape_batch, reverse=objective(remat))
 
 
 def probe_batch(test_batch, state):
@@ -134,8 +143,7 @@ def run(ctx, task, trajectory: str, seed: int, *, kind: str = "transformer",
   fields = dict(kind=kind, task=task.name, trajectory=trajectory, seed=seed,
                 **({"model": model_name} if model_name else {}))
   with context:
-    step = _train_step(task.model, kind, ctx.mesh)
-    directions = _probe_step(task.model, kind, ctx.mesh)
+    step, directions = steps(task, kind, preset, ctx.mesh)
     programs = _programs(task, kind, preset, ctx.mesh)
     tx = train_transform(trajectory, learning_rate, kind)
     names = list(tx.probes)

@@ -30,7 +30,7 @@ RULE = ("over every transformer probe point: the share of SGD's Σ_b |u_bᵀHu_b
 def _split(record, name):
   """(blocks, u_bᵀHu_b/‖u‖² per block, cross share) of direction ``name``."""
   split = record["block_sharpness"]
-  index = record["algorithms"].index(name)
+  index = split["directions"].index(name)
   return (split["blocks"], np.asarray(split["diagonal"][index], np.float64),
           float(split["cross_share"][index]))
 

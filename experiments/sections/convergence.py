@@ -69,10 +69,15 @@ def _anchor(task: str, variant: Variant) -> int:
   return int(round(math.log2(rate)))
 
 
-@functools.lru_cache(maxsize=None)
-def _programs(model, variant: Variant, mesh=None):
+def _programs(task, variant: Variant, mesh=None):
   """One compiled sweep per (model, variant): the learning rate lives in the state."""
-  return sweep.programs(loop.model_loss(model, mesh), variant.make(1.0, tunable=True))
+  return _compiled(task.model, variant, task.preset.microbatch_size, task.preset.remat, mesh)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(model, variant: Variant, microbatch_size: int, remat: str, mesh):
+  return sweep.programs(loop.model_objective(model, mesh, "train", microbatch_size, remat),
+                        variant.make(1.0, tunable=True))
 
 
 def _train(ctx, task_name, variant, runs):
@@ -82,7 +87,7 @@ def _train(ctx, task_name, variant, runs):
   copies = preset.convergence_copies
   first = ctx.task(task_name, runs[0].seed)
   batch_size = preset.convergence_batch_size or first.batch_size
-  compiled = _programs(first.model, variant, ctx.mesh)
+  compiled = _programs(first, variant, ctx.mesh)
   out = []
   for start in range(0, len(runs), copies):
     group = list(runs[start:start + copies])

@@ -7,8 +7,8 @@ from __future__ import annotations
 import collections
 
 from experiments import probing
-from experiments.probing import pilot
 from experiments.artifacts.tables import mean_std, write_table
+from experiments.probing import pilot
 from experiments.setup.experiment import on_probe_units
 
 NAME = "losses"

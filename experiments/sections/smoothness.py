@@ -25,7 +25,7 @@ from experiments.paper.claims import verdict
 from experiments.setup.experiment import Experiment, records_of
 from experiments.training import loop
 from experiments.training.variants import Variant
-from optclip import blocks, curvature
+from optclip import blocks, curvature, microbatch
 
 NAME = "smoothness"
 RATIOS = (2.0, 4.0)  # the paper's code, the paper's text
@@ -74,16 +74,25 @@ def per_example_gauss_newton_factors(model, selected):
 TRAINING = Variant("adam")
 
 
+def _functions(task, mesh=None):
+  """(the training step, the measurement), cached on what they read."""
+  return _compiled(task.model, task.preset.microbatch_size, task.preset.remat, mesh)
+
+
 @functools.lru_cache(maxsize=None)
-def _functions(model, mesh=None):
+def _compiled(model, microbatch_size: int, remat: str, mesh):
   @functools.partial(jax.jit, static_argnums=2)
   def measure(params, batch, subset):
     factors = per_example_gauss_newton_factors(model, selection(params, subset))
-    rows = factors(params, {k: batch[k] for k in ("input_ids", "attention_mask")})
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    rows = (microbatch.concatenated(lambda part: factors(params, part), inputs,
+                                    microbatch_size) if microbatch_size else
+            factors(params, inputs))
     return [curvature.gauss_newton_coordinate_removal(rows, ratio) for ratio in RATIOS]
 
   # One compiled step for every learning rate: the rate lives in the state.
-  step = loop.train_step(loop.model_loss(model, mesh), TRAINING.make(1.0, tunable=True))
+  step = loop.train_step(loop.model_objective(model, mesh, "train", microbatch_size, remat),
+                         TRAINING.make(1.0, tunable=True))
   return step, measure
 
 
@@ -99,7 +108,7 @@ def run(ctx) -> None:
 def _run_seed(ctx, seed, place, place_batch) -> None:
   preset = ctx.preset
   task = ctx.task("classification", seed)
-  step, measure = _functions(task.model, ctx.mesh)
+  step, measure = _functions(task, ctx.mesh)
   state = loop.initial_state(
       TRAINING.make(preset.smoothness_learning_rate, tunable=True), task.init_params(seed),
       place)

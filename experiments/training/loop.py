@@ -13,6 +13,7 @@ import numpy as np
 import optax
 
 from experiments.artifacts import checkpoints
+from optclip import microbatch
 from optclip.data.batching import prefetch
 
 
@@ -24,6 +25,22 @@ def model_loss(model, mesh=None, mode: str = "train") -> Callable:
   from optclip.sharding import gathered_loss
   loss_fn = make_loss_fn(model, mode)
   return loss_fn if mesh is None else gathered_loss(loss_fn)
+
+
+def model_objective(model, mesh=None, mode: str = "train", microbatch_size: int = 0,
+                    remat: str = ""):
+  """The model's loss as an `optclip.microbatch.Objective`, micro-batched by
+  ``microbatch_size`` examples and rematerialised per block with policy ``remat`` (for the
+  reverse-mode programs); on a mesh FSDP-style (`sharding.gathered_loss`)."""
+  from optclip.models import make_objective
+  from optclip.sharding import gathered_loss
+  if remat:
+    model = model.clone(remat=remat)
+  objective = make_objective(model, mode, microbatch_size)
+  if mesh is None:
+    return objective
+  return objective._replace(loss=gathered_loss(objective.loss),
+                            loss_sum=objective.loss_sum and gathered_loss(objective.loss_sum))
 
 
 def model_state_loss(model, mesh=None) -> Callable | None:
@@ -52,41 +69,57 @@ def tree_bytes(tree) -> int:
   return int(sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
 
 
-def train_step(loss_fn: Callable, tx, state_loss_fn: Callable | None = None) -> Callable:
-  """Jitted ``(state, batch) -> (state, loss)``: one optax step of ``tx`` on ``loss_fn``, or
+def train_step(loss_fn, tx, state_loss_fn: Callable | None = None, *,
+               probe_outputs: Callable | None = None) -> Callable:
+  """Jitted ``(state, batch) -> (state, loss)``: one optax step of ``tx`` on ``loss_fn`` (a
+  loss function, or an `optclip.microbatch.Objective`, then summed over micro-batches), or
   on ``state_loss_fn(params, model_state, batch) -> (loss, model_state)`` for a model with
   state (which then advances too; see `model_state_loss`).
+
+  With ``probe_outputs`` (``tx`` from `optclip.probes`), the step also returns every
+  probe's update, stacked, and ``probe_outputs(new opt_state)``: what `probe_step` returns,
+  from the same compiled program.
 
   The state is donated, so XLA updates parameters and moments in place rather than
   allocating fresh buffers every step (16% of a GPT-Neo-125M step on CPU); callers rebind it
   to the result and start from `initial_state`.
   """
+  objective = microbatch.as_objective(loss_fn)
+
   @functools.partial(jax.jit, donate_argnums=0)
   def step(state: TrainState, batch):
     if state_loss_fn is None:
-      loss, grads = jax.value_and_grad(loss_fn)(state.params, batch)
+      loss, grads = objective.value_and_grad(state.params, batch)
       model_state = state.model_state
     else:
       (loss, model_state), grads = jax.value_and_grad(state_loss_fn, has_aux=True)(
           state.params, state.model_state, batch)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    return TrainState(optax.apply_updates(state.params, updates), opt_state, model_state), loss
+    if probe_outputs is None:
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+      return TrainState(optax.apply_updates(state.params, updates), opt_state,
+                        model_state), loss
+    updates, opt_state, probe_updates = tx.update_with_probes(grads, state.opt_state,
+                                                              state.params)
+    return (TrainState(optax.apply_updates(state.params, updates), opt_state, model_state),
+            loss, probe_updates, probe_outputs(opt_state))
 
   return step
 
 
-def probe_step(loss_fn: Callable, tx, read_state: Callable) -> Callable:
+def probe_step(loss_fn, tx, read_state: Callable) -> Callable:
   """Jitted ``(state, batch) -> (probe_updates, read_state(opt_state))``: the step ``tx``
   (from `optclip.probes`) would take from ``state``, not taken.
 
   ``probe_updates`` are every probe optimizer's updates, stacked; of the optimizer state the
   step would leave only ``read_state``'s part is returned, so neither it nor a copy of
   ``state`` is ever held (at GPT-Neo-125M with the experiments' 20 probe optimizers each
-  would be 12.2 GiB). Nothing is donated.
+  would be 12.2 GiB). Nothing is donated. ``loss_fn`` as in `train_step`.
   """
+  objective = microbatch.as_objective(loss_fn)
+
   @jax.jit
   def step(state: TrainState, batch):
-    grads = jax.grad(loss_fn)(state.params, batch)  # training mode, as the step it mirrors
+    grads = objective.grad(state.params, batch)  # training mode, as the step it mirrors
     _, opt_state, probe_updates = tx.update_with_probes(grads, state.opt_state, state.params)
     return probe_updates, read_state(opt_state)
 

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from optclip import microbatch
 from optclip.data import batching
 
 
@@ -44,9 +45,10 @@ def batches(train: dict, batch_size: int, seed: int, epoch: int):
     yield {k: v[index] for k, v in train.items()}
 
 
-def programs(loss_fn: Callable, tx: optax.GradientTransformation):
+def programs(loss_fn, tx: optax.GradientTransformation):
   """(init, step, evaluate), jitted and vmapped over copies (build them once per (model,
-  optimizer) and pass them to `train_copies`: the compile is the costly part).
+  optimizer) and pass them to `train_copies`: the compile is the costly part); ``loss_fn``
+  is a loss function or an `optclip.microbatch.Objective` (micro-batched steps).
 
   ``init(params, rates)`` gives the copies' states from their stacked parameters (each
   state's learning rate set); ``step(states, batches)`` one step of every copy (donated);
@@ -60,14 +62,22 @@ def programs(loss_fn: Callable, tx: optax.GradientTransformation):
       return params, state._replace(hyperparams=hyperparams)
     return jax.vmap(one)(params, rates)
 
+  objective = microbatch.as_objective(loss_fn)
+
   def one_step(state, batch):
     params, opt_state = state
-    loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+    loss, grads = objective.value_and_grad(params, batch)
     updates, opt_state = tx.update(grads, opt_state, params)
     return (optax.apply_updates(params, updates), opt_state), loss
 
+  def evaluate(params, data):
+    size = len(jax.tree.leaves(data)[0])
+    whole = objective if not objective.microbatch_size or size % objective.microbatch_size \
+        == 0 else objective._replace(microbatch_size=0)
+    return whole.value(params, data)
+
   return (jax.jit(init), jax.jit(jax.vmap(one_step), donate_argnums=0),
-          jax.jit(jax.vmap(loss_fn)))
+          jax.jit(jax.vmap(evaluate)))
 
 
 def train_copies(compiled, params_of: Callable[[int], object], train_of: Callable[[int], dict],

@@ -5,8 +5,8 @@ Each source returns its examples and an ``info`` dict (source, size, content has
 experiments record in their config so results are traceable.
 """
 
-from optclip.data.batching import (bucket_length, fixed_masks, fixed_subset, lm_blocks,
-                                   pad_batch, prefetch, translation_batch)
+from optclip.data.batching import (bucket_length, fixed_masks, fixed_subset, lm_blocks, pad_batch,
+                                   prefetch, translation_batch)
 from optclip.data.common import DataNotFound, content_hash
 from optclip.data.tokenization import SPECIAL_TOKENS, train_tokenizer
 

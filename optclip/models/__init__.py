@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 
-
 from optclip.models import bert, gpt_neo, resnet, t5
 from optclip.models.convert import (FAMILIES, CheckpointError, config_from_hf, config_to_hf,
                                     init_variables, load_pretrained, save_pretrained)
@@ -18,7 +17,8 @@ from optclip.models.convert import (FAMILIES, CheckpointError, config_from_hf, c
 PRESETS = {**t5.PRESETS, **gpt_neo.PRESETS, **bert.PRESETS, **resnet.PRESETS}
 
 __all__ = ["CheckpointError", "PRESETS", "create", "family", "init_params", "load_pretrained",
-           "make_logits_fn", "make_loss_fn", "make_state_loss_fn", "save_pretrained",
+           "make_logits_fn", "make_loss_fn", "make_objective", "make_state_loss_fn",
+           "save_pretrained",
            "config_from_hf", "config_to_hf"]
 
 
@@ -60,6 +60,29 @@ def make_loss_fn(model, mode: str = "train"):
   if mode == "eval" and hasattr(module, "eval_loss_fn"):
     return functools.partial(module.eval_loss_fn, model)
   return functools.partial(module.loss_fn, model)
+
+
+def make_objective(model, mode: str = "train", microbatch_size: int = 0):
+  """The model's loss as an `optclip.microbatch.Objective` (the loss, the sum of its terms
+  and their count over a batch), micro-batched by ``microbatch_size`` examples (0: the whole
+  batch at once, the same program as `make_loss_fn`).
+
+  A ResNet's training-mode loss is not a sum over examples (BatchNorm's batch statistics
+  couple them): it cannot be micro-batched; its evaluation mode can.
+  """
+  from optclip.microbatch import Objective
+  module = family(model)
+  summed = module.eval_loss_sum if (mode == "eval" and hasattr(module, "eval_loss_sum")) \
+      else getattr(module, "loss_sum", None)
+  if microbatch_size and (summed is None or (mode == "train" and
+                                             hasattr(module, "train_loss_and_state"))):
+    raise ValueError(f"microbatch_size={microbatch_size}: the {model.config.model_type} "
+                     f"model's {mode}-mode loss is not a sum over examples (BatchNorm's batch "
+                     "statistics couple them); micro-batch only its evaluation mode")
+  return Objective(make_loss_fn(model, mode),
+                   functools.partial(summed, model) if summed is not None else None,
+                   functools.partial(module.loss_count, model), microbatch_size,
+                   shared=("model_state",))
 
 
 def make_state_loss_fn(model):

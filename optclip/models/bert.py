@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 
 from optclip.models import layers
-from optclip.models.layers import activation, classification_cross_entropy, mask_bias
+from optclip.models.layers import (activation, classification_cross_entropy,
+                                   classification_loss_sum, mask_bias)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,8 +68,10 @@ class Layer(nn.Module):
 
 
 class BertClassifier(nn.Module):
-  """BertForSequenceClassification. ``__call__`` returns logits (batch, num_labels)."""
+  """BertForSequenceClassification. ``__call__`` returns logits (batch, num_labels);
+  ``remat`` as in `optclip.models.gpt_neo.GPTNeo`, per encoder layer."""
   config: BertConfig
+  remat: str = ""
 
   @nn.compact
   def __call__(self, input_ids, attention_mask=None, token_type_ids=None):
@@ -87,8 +90,9 @@ class BertClassifier(nn.Module):
                              name="token_type_embeddings")(token_type_ids))
     hidden = nn.LayerNorm(cfg.layer_norm_eps, name="embeddings_norm")(hidden)
     bias = mask_bias(attention_mask.astype(bool))[:, None, None, :]
+    layer = layers.remat(Layer, self.remat)
     for i in range(cfg.num_hidden_layers):
-      hidden = Layer(cfg, name=f"layer_{i}")(hidden, bias)
+      hidden = layer(cfg, name=f"layer_{i}")(hidden, bias)
     pooled = jnp.tanh(nn.Dense(cfg.hidden_size, kernel_init=init, name="pooler")(hidden[:, 0]))
     return nn.Dense(cfg.num_labels, kernel_init=init, name="classifier")(pooled)
 
@@ -105,6 +109,14 @@ def logits_fn(model: BertClassifier, params, batch):
 
 def loss_fn(model: BertClassifier, params, batch):
   return classification_cross_entropy(logits_fn(model, params, batch), batch["label"])
+
+
+def loss_sum(model: BertClassifier, params, batch):
+  return classification_loss_sum(logits_fn(model, params, batch), batch["label"])
+
+
+def loss_count(model: BertClassifier, batch):
+  return batch["label"].shape[0]
 
 
 def per_example_logit_margin(model: BertClassifier, params, batch):

@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 
 from optclip.models import layers
-from optclip.models.layers import activation, mask_bias, token_cross_entropy
+from optclip.models.layers import (activation, mask_bias, token_count, token_cross_entropy,
+                                   token_loss_sum)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,8 +102,12 @@ class Block(nn.Module):
 
 
 class GPTNeo(nn.Module):
-  """GPTNeoForCausalLM. ``__call__`` returns logits (batch, length, vocab)."""
+  """GPTNeoForCausalLM. ``__call__`` returns logits (batch, length, vocab).
+
+  ``remat`` names a `layers.REMAT_POLICIES` policy applied to every block (the same values
+  and parameters; reverse mode keeps one block's activations at a time)."""
   config: GPTNeoConfig
+  remat: str = ""
 
   @nn.compact
   def __call__(self, input_ids, attention_mask=None):
@@ -115,8 +120,9 @@ class GPTNeo(nn.Module):
       attention_mask = jnp.ones_like(input_ids)
     padding_mask = attention_mask.astype(bool)
     hidden = wte(input_ids) + wpe(jnp.arange(input_ids.shape[1]))[None]
+    block = layers.remat(Block, self.remat)
     for i, kind in enumerate(cfg.attention_layers):
-      hidden = Block(cfg, kind == "local", name=f"h_{i}")(hidden, padding_mask)
+      hidden = block(cfg, kind == "local", name=f"h_{i}")(hidden, padding_mask)
     hidden = nn.LayerNorm(cfg.layer_norm_epsilon, name="ln_f")(hidden)
     if cfg.tie_word_embeddings:
       return wte.attend(hidden)
@@ -136,3 +142,12 @@ def loss_fn(model: GPTNeo, params, batch):
   """Next-token cross-entropy: position t predicts ``labels[t+1]`` (-100 = ignored), as HF."""
   logits = logits_fn(model, params, batch)
   return token_cross_entropy(logits[:, :-1], batch["labels"][:, 1:])
+
+
+def loss_sum(model: GPTNeo, params, batch):
+  """`loss_fn` before its division by `loss_count` (micro-batching sums these)."""
+  return token_loss_sum(logits_fn(model, params, batch)[:, :-1], batch["labels"][:, 1:])
+
+
+def loss_count(model: GPTNeo, batch):
+  return token_count(batch["labels"][:, 1:])

@@ -78,21 +78,55 @@ def _label_log_probs(logits, labels):
   return picked - jax.nn.logsumexp(logits, axis=-1)
 
 
+def token_loss_sum(logits, labels):
+  """The sum of the token cross-entropies whose label is not IGNORE_INDEX (padding)."""
+  keep = labels != IGNORE_INDEX
+  log_probs = _label_log_probs(logits, jnp.where(keep, labels, 0))
+  return jnp.sum(jnp.where(keep, -log_probs, 0.0))
+
+
+def token_count(labels):
+  """How many tokens `token_cross_entropy` divides by: the kept ones (at least 1)."""
+  return jnp.maximum(jnp.sum(labels != IGNORE_INDEX), 1)
+
+
 def token_cross_entropy(logits, labels):
   """Mean cross-entropy over tokens whose label is not IGNORE_INDEX (padding).
 
   Matches ``torch.nn.CrossEntropyLoss(ignore_index=-100)``: a sum over kept tokens divided by
-  their count. Computed in float32 whatever the logits' dtype.
+  their count. Computed in float32 whatever the logits' dtype. Micro-batched, the sum is
+  taken per micro-batch and the count over the whole batch (`optclip.microbatch`).
   """
-  keep = labels != IGNORE_INDEX
-  log_probs = _label_log_probs(logits, jnp.where(keep, labels, 0))
-  total = jnp.sum(jnp.where(keep, -log_probs, 0.0))
-  return total / jnp.maximum(jnp.sum(keep), 1)
+  return token_loss_sum(logits, labels) / token_count(labels)
+
+
+def classification_loss_sum(logits, labels):
+  """The sum of the cross-entropies of integer class labels."""
+  return -jnp.sum(_label_log_probs(logits, labels))
 
 
 def classification_cross_entropy(logits, labels):
   """Mean cross-entropy of integer class labels."""
   return -jnp.mean(_label_log_probs(logits, labels))
+
+
+REMAT_POLICIES = {
+    "": None,  # no rematerialisation
+    "nothing": "nothing_saveable",  # keep only the block's inputs; recompute the rest
+    "dots": "dots_with_no_batch_dims_saveable",  # keep the weight products' outputs
+}
+
+
+def remat(module_class, policy: str, **kwargs):
+  """``module_class`` rematerialised per call by `flax.linen.remat` with the named policy
+  of `REMAT_POLICIES` (the class itself for ""): reverse mode then keeps one block's
+  activations instead of all of them. Parameters keep their names."""
+  if policy not in REMAT_POLICIES:
+    raise ValueError(f"remat: unknown policy {policy!r}; known: {sorted(REMAT_POLICIES)}")
+  if not policy:
+    return module_class
+  return nn.remat(module_class, policy=getattr(jax.checkpoint_policies,
+                                               REMAT_POLICIES[policy]), **kwargs)
 
 
 def mask_bias(allowed, dtype=jnp.float32):

@@ -19,7 +19,7 @@ import functools
 import flax.linen as nn
 import jax.numpy as jnp
 
-from optclip.models.layers import activation, classification_cross_entropy
+from optclip.models.layers import activation, classification_cross_entropy, classification_loss_sum
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,3 +159,14 @@ def eval_loss_fn(model: ResNet, params, batch):
   trajectory, whose statistics change)."""
   logits = logits_fn(model, params, batch, batch["model_state"]["batch_stats"])
   return classification_cross_entropy(logits, batch["label"])
+
+
+def eval_loss_sum(model: ResNet, params, batch):
+  """`eval_loss_fn` times the batch size (a sum over examples; the training-mode loss is
+  not one: BatchNorm's batch statistics couple the examples)."""
+  logits = logits_fn(model, params, batch, batch["model_state"]["batch_stats"])
+  return classification_loss_sum(logits, batch["label"])
+
+
+def loss_count(model: ResNet, batch):
+  return batch["label"].shape[0]

@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 
 from optclip.models import layers
-from optclip.models.layers import IGNORE_INDEX, activation, mask_bias, token_cross_entropy
+from optclip.models.layers import (IGNORE_INDEX, activation, mask_bias, token_count,
+                                   token_cross_entropy, token_loss_sum)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,10 +149,33 @@ class PositionBias(nn.Module):
     return jnp.transpose(table[buckets], (2, 0, 1))[None]  # (1, heads, q, k)
 
 
+class Block(nn.Module):
+  """One encoder or decoder block. It shares its stack's scope (`flax.linen.share_scope`),
+  so its parameters keep the stack-level names ``block_<i>_...`` (those of HF checkpoints)
+  while it can be rematerialised as a unit."""
+  config: T5Config
+  index: int
+  is_decoder: bool
+
+  @nn.compact
+  def __call__(self, hidden, bias, encoder_hidden=None, cross_bias=None):
+    cfg = self.config
+    block = f"block_{self.index}"
+    normed = RMSNorm(cfg.layer_norm_epsilon, name=f"{block}_self_attention_norm")(hidden)
+    hidden = hidden + Attention(cfg, name=f"{block}_self_attention")(normed, normed, bias)
+    if self.is_decoder:
+      normed = RMSNorm(cfg.layer_norm_epsilon, name=f"{block}_cross_attention_norm")(hidden)
+      hidden = hidden + Attention(cfg, name=f"{block}_cross_attention")(
+          normed, encoder_hidden, cross_bias)
+    normed = RMSNorm(cfg.layer_norm_epsilon, name=f"{block}_mlp_norm")(hidden)
+    return hidden + FeedForward(cfg, name=f"{block}_mlp")(normed)
+
+
 class Stack(nn.Module):
   config: T5Config
   num_layers: int
   is_decoder: bool
+  remat: str = ""
 
   @nn.compact
   def __call__(self, hidden, self_mask, encoder_hidden=None, cross_mask=None):
@@ -160,16 +184,11 @@ class Stack(nn.Module):
     bias = PositionBias(cfg, not self.is_decoder, name="relative_attention_bias")(length, length)
     bias = bias + mask_bias(self_mask)[:, None]
     cross_bias = None if encoder_hidden is None else mask_bias(cross_mask)[:, None]
+    block_class = layers.remat(Block, self.remat)
     for i in range(self.num_layers):
-      block = f"block_{i}"
-      normed = RMSNorm(cfg.layer_norm_epsilon, name=f"{block}_self_attention_norm")(hidden)
-      hidden = hidden + Attention(cfg, name=f"{block}_self_attention")(normed, normed, bias)
-      if self.is_decoder:
-        normed = RMSNorm(cfg.layer_norm_epsilon, name=f"{block}_cross_attention_norm")(hidden)
-        hidden = hidden + Attention(cfg, name=f"{block}_cross_attention")(
-            normed, encoder_hidden, cross_bias)
-      normed = RMSNorm(cfg.layer_norm_epsilon, name=f"{block}_mlp_norm")(hidden)
-      hidden = hidden + FeedForward(cfg, name=f"{block}_mlp")(normed)
+      block = block_class(cfg, i, self.is_decoder)
+      nn.share_scope(self, block)
+      hidden = block(hidden, bias, encoder_hidden, cross_bias)
     return RMSNorm(cfg.layer_norm_epsilon, name="final_norm")(hidden)
 
 
@@ -180,8 +199,10 @@ def shift_right(labels, start_token_id: int, pad_token_id: int):
 
 
 class T5(nn.Module):
-  """T5ForConditionalGeneration. ``__call__`` returns logits (batch, target_length, vocab)."""
+  """T5ForConditionalGeneration. ``__call__`` returns logits (batch, target_length, vocab);
+  ``remat`` as in `optclip.models.gpt_neo.GPTNeo`, per block."""
   config: T5Config
+  remat: str = ""
 
   @nn.compact
   def __call__(self, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask=None):
@@ -189,13 +210,13 @@ class T5(nn.Module):
     shared = layers.Embed(cfg.vocab_size, cfg.d_model, name="shared",
                       embedding_init=nn.initializers.normal(cfg.initializer_factor))
     encoder_mask = attention_mask.astype(bool)
-    encoded = Stack(cfg, cfg.num_layers, False, name="encoder")(
+    encoded = Stack(cfg, cfg.num_layers, False, self.remat, name="encoder")(
         shared(input_ids), encoder_mask[:, None, :])
     target_length = decoder_input_ids.shape[1]
     causal = jnp.tril(jnp.ones((target_length, target_length), bool))[None]
     if decoder_attention_mask is not None:
       causal = causal & decoder_attention_mask.astype(bool)[:, None, :]
-    decoded = Stack(cfg, cfg.num_decoder_layers, True, name="decoder")(
+    decoded = Stack(cfg, cfg.num_decoder_layers, True, self.remat, name="decoder")(
         shared(decoder_input_ids), causal, encoded, encoder_mask[:, None, :])
     if cfg.tie_word_embeddings:
       return shared.attend(decoded * cfg.d_model ** -0.5)
@@ -216,6 +237,15 @@ def loss_fn(model: T5, params, batch):
   logits = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
                        decoder_input_ids)
   return token_cross_entropy(logits, labels)
+
+
+def loss_sum(model: T5, params, batch):
+  """`loss_fn` before its division by `loss_count` (micro-batching sums these)."""
+  return token_loss_sum(logits_fn(model, params, batch), batch["labels"])
+
+
+def loss_count(model: T5, batch):
+  return token_count(batch["labels"])
 
 
 def logits_fn(model: T5, params, batch):
