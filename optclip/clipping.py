@@ -213,6 +213,7 @@ def clip_to_threshold(tree: Any, threshold: Any) -> Any:
   def clip_leaf(g, tau):
     if not _is_float_leaf(g):
       return g
+    g = jnp.asarray(g)  # a Python float leaf, as optax allows
     tau = _threshold_for_dtype(tau, g.dtype)
     return jnp.where(jnp.isfinite(g), jnp.clip(g, -tau, tau), g)
 
@@ -238,7 +239,8 @@ class CoordClipState(NamedTuple):
 def init_clip_state(params, per_leaf: bool = False) -> CoordClipState:
   """The `CoordClipState` before any update, shaped for ``params``."""
   leaves = [l for l in jax.tree.leaves(params) if _is_float_leaf(l)]
-  dtype = _selection.key_format([l.dtype for l in leaves]).float_dtype if leaves else jnp.float32
+  dtype = (_selection.key_format([jnp.result_type(l) for l in leaves]).float_dtype if leaves
+           else jnp.float32)
   threshold = jnp.asarray(jnp.inf, dtype)
   if per_leaf:
     threshold = jax.tree.map(lambda p: threshold if _is_float_leaf(p) else None, params)
@@ -255,7 +257,8 @@ def _clip_statistics(tree, threshold, like: CoordClipState, per_leaf: bool) -> C
   zeros = (jnp.zeros((), jnp.int32),) * 2 + (jnp.zeros((), jnp.float32),) * 2
   add = lambda x, y: tuple(a + b for a, b in zip(x, y))
   totals = zeros
-  for g, tau in zip([g for g in jax.tree.leaves(tree) if _is_float_leaf(g)], taus):
+  for g, tau in zip([jnp.asarray(g) for g in jax.tree.leaves(tree) if _is_float_leaf(g)],
+                    taus):
     magnitude = jnp.abs(g.astype(jnp.float32))
     is_finite = magnitude < jnp.inf  # NaN compares false
     tau = tau.astype(jnp.float32)
@@ -273,13 +276,19 @@ def _clip_statistics(tree, threshold, like: CoordClipState, per_leaf: bool) -> C
                         jnp.sqrt(before), jnp.sqrt(after))
 
 
+# Compiled once per tree structure also when called eagerly: the reduction's combiner is a
+# fresh function at every trace, so an eager call would otherwise compile it every step.
+_clip_statistics_compiled = jax.jit(_clip_statistics, static_argnums=(3,))
+
+
 def clip_with_state(tree, fraction, state: CoordClipState, *, per_leaf: bool = False):
   """(ĝ, the new `CoordClipState`) for a ``fraction`` already checked by `validate_fraction`.
 
   The clip that `coord_clip` and the clipped optimizers share.
   """
   threshold = _threshold(tree, fraction, per_leaf)
-  return clip_to_threshold(tree, threshold), _clip_statistics(tree, threshold, state, per_leaf)
+  return clip_to_threshold(tree, threshold), _clip_statistics_compiled(tree, threshold,
+                                                                       state, per_leaf)
 
 
 def coord_clip(fraction: float | jax.Array, *, per_leaf: bool = False

@@ -287,6 +287,9 @@ def hessian_diagonal_entries(loss_fn: Callable, params, indices, *, batch_size: 
   Returns:
     A pytree like ``indices`` with the entries H_ii (float32 at least) at those indices.
 
+  Raises:
+    ValueError: naming the leaf, for an index outside it.
+
   Example:
     >>> import jax.numpy as jnp
     >>> from optclip import curvature
@@ -296,6 +299,17 @@ def hessian_diagonal_entries(loss_fn: Callable, params, indices, *, batch_size: 
   """
   leaves, treedef = jax.tree.flatten(params)
   index_leaves = treedef.flatten_up_to(indices)
+  paths = [jax.tree_util.keystr(path) for path, _ in
+           jax.tree_util.tree_flatten_with_path(params)[0]]
+  for path, leaf, index in zip(paths, leaves, index_leaves):
+    if isinstance(index, jax.core.Tracer) or not np.size(index):
+      continue  # traced indices cannot be checked here: out of range, they read a 0
+    index = np.asarray(index)
+    if not np.issubdtype(index.dtype, np.integer):
+      raise ValueError(f"indices{path}: expected integer flat indices, got {index.dtype}")
+    if index.min() < 0 or index.max() >= np.size(leaf):
+      raise ValueError(f"indices{path}: flat indices must lie in [0, {np.size(leaf)}) (the "
+                       f"leaf has shape {np.shape(leaf)}), got {index.min()}..{index.max()}")
   leaf_of = jnp.concatenate([jnp.full((len(i),), n, jnp.int32)
                              for n, i in enumerate(index_leaves)] + [jnp.zeros((0,), jnp.int32)])
   flat_index = jnp.concatenate([jnp.asarray(i, jnp.int32).reshape(-1) for i in index_leaves]

@@ -59,18 +59,48 @@ def _axpy(alpha, x, y):
 
 
 def _is_batched(params, directions) -> bool:
+  """Whether ``directions`` carry a leading axis of K directions; checks, as trees, that
+  they match ``params`` (the same keys, not just as many leaves), naming the first leaf
+  whose shape fits neither way."""
+  p_structure, d_structure = jax.tree.structure(params), jax.tree.structure(directions)
+  if p_structure != d_structure:
+    raise ValueError(f"directions must have the structure of params: params are "
+                     f"{p_structure}, directions {d_structure}")
+  paths = [jax.tree_util.keystr(path) for path, _ in
+           jax.tree_util.tree_flatten_with_path(params)[0]]
   p_leaves, d_leaves = jax.tree.leaves(params), jax.tree.leaves(directions)
-  if len(p_leaves) != len(d_leaves):
-    raise ValueError("directions must have the structure of params (optionally with a "
-                     "leading axis of size K on every leaf)")
-  if all(jnp.shape(d) == jnp.shape(p) for p, d in zip(p_leaves, d_leaves)):
+  unbatched = [jnp.shape(d) == jnp.shape(p) for p, d in zip(p_leaves, d_leaves)]
+  if all(unbatched):
     return False
-  sizes = {jnp.shape(d)[0] for d in d_leaves if jnp.ndim(d) > 0}
-  if len(sizes) != 1 or any(jnp.shape(d)[1:] != jnp.shape(p)
-                            for p, d in zip(p_leaves, d_leaves)):
-    raise ValueError("directions must be shaped like params, or like params with one shared "
-                     "leading axis of size K")
+  batched = [jnp.ndim(d) > 0 and jnp.shape(d)[1:] == jnp.shape(p)
+             for p, d in zip(p_leaves, d_leaves)]
+  if not all(batched):
+    # A leaf that fits neither way, else one unbatched among batched ones.
+    bad = next((i for i, (u, b) in enumerate(zip(unbatched, batched)) if not u and not b),
+               batched.index(False))
+    raise ValueError(f"directions{paths[bad]} has shape {jnp.shape(d_leaves[bad])}; "
+                     f"params{paths[bad]} has {jnp.shape(p_leaves[bad])}: expected (K, "
+                     "*that shape) like the other leaves, or that shape on every leaf")
+  sizes = {jnp.shape(d)[0] for d in d_leaves}
+  if len(sizes) != 1:
+    raise ValueError(f"directions must share one leading axis of size K; got sizes "
+                     f"{sorted(sizes)}")
   return True
+
+
+def _refuse_zero_directions(directions, batched: bool) -> None:
+  """A zero direction has no directional sharpness (0/0): refused where the directions are
+  concrete; under `jit` its value is NaN, as documented."""
+  leaves = jax.tree.leaves(directions)
+  if any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
+    return
+  squared = sum(jnp.sum(jnp.square(jnp.asarray(leaf, jnp.float32)),
+                        axis=tuple(range(1 if batched else 0, jnp.ndim(leaf))))
+                for leaf in leaves)
+  zero = [int(i) for i in jnp.flatnonzero(jnp.atleast_1d(squared) == 0)]
+  if zero:
+    raise ValueError(f"directions: {'direction(s) ' + str(zero) if batched else 'the direction'}"
+                     " is zero, where directional sharpness uᵀHu/‖u‖² is undefined")
 
 
 def map_directions(fn, xs, *, batch_size: int | None = None):
@@ -134,17 +164,16 @@ class RobustSharpness(NamedTuple):
 
 def directional_sharpness(loss_fn: LossFn, params, directions, *,
                           robust_delta: float | None = None, method: str = "auto",
-                          batch_size: int | None | str = "auto"):
+                          batch_size: int | None = 1):
   """Directional sharpness uᵀ∇²f(x)u / ‖u‖² of one or K update directions (Section 3.1).
 
   Computed exactly, never by finite differences: the second derivative of t ↦ f(x + tu) by
   Taylor-mode AD (``method="auto"``: `jax.experimental.jet`, falling back to a jvp of a jvp
   where jet has no rule; the fastest in benchmarks/geometry.py on every model there). K
-  directions (every leaf
-  carrying a leading axis of size K) are evaluated in one call, ``batch_size`` at a time
-  (None: all vmapped together, sharing the primal computation; "auto": one at a time on
-  CPU, where that measured faster than vmapping (benchmarks/geometry.py), all together on
-  accelerators).
+  directions (every leaf carrying a leading axis of size K) are evaluated in one call,
+  ``batch_size`` at a time on every backend (default 1, which measured fastest on CPU in
+  benchmarks/geometry.py and keeps one direction's tangents in memory; None vmaps all K
+  together, sharing the primal computation).
 
   With ``robust_delta=δ``, a direction whose sharpness is negative is also evaluated at
   x + δ·u/‖u‖ (Appendix B, Eq. 4; the paper uses δ = 0.01); the raw value is kept beside it.
@@ -161,6 +190,11 @@ def directional_sharpness(loss_fn: LossFn, params, directions, *,
   Returns:
     A scalar, or shape (K,); with ``robust_delta`` a `RobustSharpness` of those.
 
+  Raises:
+    ValueError: naming the leaf, where ``directions`` do not match ``params`` as a tree (the
+      same keys) or in shape; where a direction is zero (sharpness 0/0 is undefined; under
+      `jit` it comes out NaN).
+
   Example:
     >>> import jax.numpy as jnp, optclip
     >>> loss = lambda x: jnp.sum(jnp.array([100., 1.]) * x ** 2)
@@ -171,8 +205,12 @@ def directional_sharpness(loss_fn: LossFn, params, directions, *,
     Pan & Li 2023, arXiv 2306.00204, Section 3.1 and Appendix B.
   """
   batched = _is_batched(params, directions)
-  if batch_size == "auto":
-    batch_size = 1 if jax.default_backend() == "cpu" else None
+  _refuse_zero_directions(directions, batched)
+  return _sharpness(loss_fn, params, directions, batched, robust_delta, method, batch_size)
+
+
+def _sharpness(loss_fn, params, directions, batched, robust_delta, method, batch_size):
+  """`directional_sharpness` without the checks (a zero direction gives NaN)."""
 
   def one(direction):
     value = second_derivative(loss_fn, params, direction, method)
@@ -246,7 +284,7 @@ def taylor_decomposition(loss_fn: LossFn, params, update) -> TaylorTerms:
 
 
 def landscape(loss_fn: LossFn, params, directions, step_sizes, *,
-              batch_size: int | None = None) -> jax.Array:
+              batch_size: int | None = 1) -> jax.Array:
   """Loss at x + s·u/‖u‖ for every direction u and step size s (Figures 2-4).
 
   Args:
@@ -254,9 +292,9 @@ def landscape(loss_fn: LossFn, params, directions, step_sizes, *,
     params: the point x.
     directions: a pytree shaped like params, or with a leading axis of size K.
     step_sizes: shape (S,) (the step size is the distance travelled, since u is normalized).
-    batch_size: evaluate this many (direction, step) pairs at a time. Default: one at a time
-      on CPU (a vmapped forward with per-pair weights runs ~4x slower there than a sequential
-      scan), all at once on accelerators.
+    batch_size: evaluate this many (direction, step) pairs at a time, on every backend
+      (default 1: on CPU a vmapped forward with per-pair weights runs ~4x slower than a
+      sequential scan; None: all at once, K·S copies of the activations).
 
   Returns:
     Shape (K, S), or (S,) for one direction.
@@ -283,8 +321,6 @@ def landscape(loss_fn: LossFn, params, directions, step_sizes, *,
     return loss_fn(_axpy(step_sizes[s] / norms[k], u, params))
 
   indices = jnp.arange(num_directions * num_steps)
-  if batch_size is None:
-    batch_size = 1 if jax.default_backend() == "cpu" else indices.shape[0]
   losses = map_directions(loss_at, indices, batch_size=batch_size)
   losses = losses.reshape(num_directions, num_steps)
   return losses if batched else losses[0]
@@ -328,7 +364,8 @@ def sharpness_attribution(loss_fn: LossFn, params, update,
 
   * ``share``: Σ_{i∈T} uᵢ(Hu)ᵢ / uᵀHu, the top coordinates' share of the sharpness;
   * ``norm_share``: Σ_{i∈T} uᵢ² / ‖u‖², their share of the squared norm;
-  * ``sharpness_without``: the directional sharpness of u with the coordinates in T zeroed;
+  * ``sharpness_without``: the directional sharpness of u with the coordinates in T zeroed
+    (NaN where T is every coordinate with a nonzero uᵢ);
   * ``sharpness_clipped``: the directional sharpness of u clipped at its own top-f threshold.
 
   Returns:
@@ -338,7 +375,8 @@ def sharpness_attribution(loss_fn: LossFn, params, update,
   share, norm_share, modified = attribution_terms(update, hvp, fractions,
                                                   select_by=select_by)
   # All 2·F modified directions in one call: one compiled second derivative.
-  sharpness = directional_sharpness(loss_fn, params, modified)
+  # Unchecked: at fraction 1 nothing is left of u, and its sharpness_without is NaN (0/0).
+  sharpness = _sharpness(loss_fn, params, modified, True, None, "auto", 1)
   count = len(fractions)
   return {"fractions": jnp.asarray(fractions), "share": share, "norm_share": norm_share,
           "sharpness_without": sharpness[:count], "sharpness_clipped": sharpness[count:],

@@ -41,6 +41,18 @@ def _size(like) -> int:
   return int(sum(jnp.size(x) for x in jax.tree.leaves(like)))
 
 
+# The fewest products with which each estimator also estimates its standard error (two
+# Monte Carlo samples at least; Hutch++ spends a third on its sketch, XTrace pairs them).
+MINIMUM_MATVECS = {"hutch++": 4, "xtrace": 4, "hutchinson": 2}
+
+
+def _positive_int(value, name: str) -> int:
+  """``value`` as an int, refusing what is not a positive integer (naming ``name``)."""
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+    raise ValueError(f"{name} must be a positive integer, got {value!r}")
+  return int(value)
+
+
 def _tree_dot(a, b):
   """⟨a, b⟩ leaf by leaf in float32 at least (``jnp.sum(a * b)``: sharding-safe)."""
   terms = [jnp.sum(x.astype(jnp.promote_types(x.dtype, jnp.float32)) * y)
@@ -80,9 +92,7 @@ def top_eigenvalue(matvec: Callable, like, *, iters: int = 30, key=None) -> jax.
     iters: Lanczos steps, a positive integer.
     key: PRNG key for the start vector (default key 0).
   """
-  if isinstance(iters, bool) or not isinstance(iters, (int, np.integer)) or iters < 1:
-    raise ValueError(f"top_eigenvalue: iters must be a positive integer, got {iters!r}")
-  iters = int(min(iters, _size(like)))
+  iters = min(_positive_int(iters, "iters"), _size(like))
   key = jax.random.key(0) if key is None else key
   leaves, treedef = jax.tree.flatten(like)
   keys = jax.random.split(key, len(leaves))
@@ -100,10 +110,13 @@ def top_eigenvalue(matvec: Callable, like, *, iters: int = 30, key=None) -> jax.
     alpha = _tree_dot(w, v)
     w = jax.tree.map(lambda a, b, c: a - alpha * b - beta * c, w, v, v_prev)
     # Full reorthogonalization against the stored basis (rows beyond i are zero).
-    coeffs = sum(jnp.tensordot(b, x, axes=(tuple(range(1, b.ndim)), tuple(range(x.ndim))))
+    # Products and sums, not tensordot: a contraction over a sharded axis raises under
+    # explicit sharding, an elementwise product summed over it does not.
+    coeffs = sum(jnp.sum(b * x[None], axis=tuple(range(1, b.ndim)))
                  for b, x in zip(jax.tree.leaves(basis), jax.tree.leaves(w)))
-    w = jax.tree.map(lambda x, b: x - jnp.tensordot(coeffs, b, axes=1).astype(x.dtype), w,
-                     basis)
+    w = jax.tree.map(
+        lambda x, b: x - jnp.sum(coeffs.reshape((-1,) + (1,) * x.ndim) * b, axis=0).astype(
+            x.dtype), w, basis)
     beta_next = jnp.sqrt(_tree_dot(w, w))
     scale = jnp.maximum(scale, jnp.abs(alpha) + beta)
     # A residual at rounding level means the Krylov space is exhausted: stop there.
@@ -137,8 +150,14 @@ def eigenpairs(matvec: Callable, like, k: int, *, key=None, num_matvecs: int | N
   """
   _unsharded(like, "eigenpairs")
   n = _size(like)
-  if not 1 <= k <= n:
-    raise ValueError(f"k must be in [1, {n}], got {k}")
+  k = _positive_int(k, "k")
+  if k > n:
+    raise ValueError(f"k must be in [1, {n}] (the dimension), got {k}")
+  if num_matvecs is not None:
+    num_matvecs = _positive_int(num_matvecs, "num_matvecs")
+    if num_matvecs < k:
+      raise ValueError(f"num_matvecs ({num_matvecs}) must be at least k ({k}): Lanczos with "
+                       "m products has m Ritz pairs")
   num = min(n, num_matvecs or max(2 * k + 20, 30))
   start = _normal_like(jax.random.key(0) if key is None else key, like)
   values, vectors = eig.eigh_partial(decomp.tridiag_sym(num, reortho="full"))(matvec, start)
@@ -165,6 +184,13 @@ def trace(matvec: Callable, like, *, key=None, num_matvecs: int = 60,
   _unsharded(like, "trace")
   flat, unravel = ravel_pytree(like)
   n = flat.shape[0]
+  num_matvecs = _positive_int(num_matvecs, "num_matvecs")
+  if method not in MINIMUM_MATVECS:
+    raise ValueError(f"method must be 'hutch++', 'xtrace' or 'hutchinson', got {method!r}")
+  if num_matvecs < min(MINIMUM_MATVECS[method], n):
+    raise ValueError(f"num_matvecs={num_matvecs} is too few for {method} to estimate its own "
+                     f"error: at least {MINIMUM_MATVECS[method]} (or the dimension, {n}, for "
+                     "the exact trace)")
   key = jax.random.key(0) if key is None else key
   apply = lambda v: ravel_pytree(matvec(unravel(v)))[0]
   if num_matvecs >= n:
@@ -181,8 +207,6 @@ def trace(matvec: Callable, like, *, key=None, num_matvecs: int = 60,
         stochtrace.sampler_normal(flat, num=max(2, num_matvecs // 2)))
     value, stderr = estimate(lambda v: apply(v), key)
     return TraceEstimate(value, stderr)
-  if method != "hutch++":
-    raise ValueError(f"method must be 'hutch++', 'xtrace' or 'hutchinson', got {method!r}")
   sketch = max(1, num_matvecs // 3)
   probes = max(1, num_matvecs - 2 * sketch)
   s_key, g_key = jax.random.split(key)
@@ -192,8 +216,7 @@ def trace(matvec: Callable, like, *, key=None, num_matvecs: int = 60,
   g = signs(g_key, probes)
   residual = g - (g @ q) @ q.T  # (I - QQᵀ) g
   samples = jnp.sum(residual * jax.lax.map(apply, residual), axis=1)
-  return TraceEstimate(exact + samples.mean(), samples.std(ddof=1) / jnp.sqrt(probes)
-                       if probes > 1 else jnp.zeros(()))
+  return TraceEstimate(exact + samples.mean(), samples.std(ddof=1) / jnp.sqrt(probes))
 
 
 def spectral_density(matvec: Callable, like, *, key=None, num_matvecs: int = 30,
