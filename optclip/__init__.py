@@ -16,7 +16,8 @@ from optclip.clipping import CoordClipState, clip_threshold, clip_to_threshold, 
 from optclip.geometry import directional_sharpness, gradient_correlation, landscape
 from optclip.optimizers import (adafactor, adam, lion, normalized_sgd, scale_by_clipped_adafactor,
                                 scale_by_clipped_adam, scale_by_clipped_lion,
-                                scale_by_frobenius_normalization, sgd, sign_sgd)
+                                scale_by_damped_trace, scale_by_frobenius_normalization, sgd,
+                                sign_sgd, signum)
 
 __version__ = "0.1.0"
 
@@ -38,8 +39,10 @@ __all__ = [
     "scale_by_clipped_adafactor",
     "scale_by_clipped_adam",
     "scale_by_clipped_lion",
+    "scale_by_damped_trace",
     "scale_by_frobenius_normalization",
     "sgd",
     "sharding",
     "sign_sgd",
+    "signum",
 ]

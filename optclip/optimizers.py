@@ -41,8 +41,10 @@ __all__ = [
     "scale_by_clipped_adam",
     "scale_by_clipped_lion",
     "scale_by_frobenius_normalization",
+    "scale_by_damped_trace",
     "sgd",
     "sign_sgd",
+    "signum",
 ]
 
 ScalarOrSchedule = optax.ScalarOrSchedule
@@ -79,36 +81,99 @@ class MomentumState(NamedTuple):
 def _momentum(beta: float, start: str) -> optax.GradientTransformation:
   """m ← βm + (1 - β)ĝ, the paper's (1 - β)-damped momentum (optax.trace would omit 1 - β),
   starting as ``start`` says (see `MOMENTUM_STARTS`)."""
+  return _ema(beta, None, start)
+
+
+def _ema(beta, accumulator_dtype, start: str) -> optax.GradientTransformation:
+  """The (1 - β)-damped momentum: `optax.ema` from m₀ = 0 (optax's state), else m₁ = ĝ₁."""
+  if start == "zero":
+    return optax.ema(beta, debias=False, accumulator_dtype=accumulator_dtype)
+  return scale_by_damped_trace(beta, beta, accumulator_dtype=accumulator_dtype, start=start)
+
+
+def scale_by_damped_trace(decay: float, dampening: float = 0.0, *, nesterov: bool = False,
+                          accumulator_dtype: Optional[Any] = None, start: str = "zero"
+                          ) -> optax.GradientTransformation:
+  """Momentum with PyTorch's dampening: m_t = decay · m_{t-1} + (1 - dampening) · g_t.
+
+  With ``dampening=0`` and ``start="zero"`` this is `optax.trace` (the same state, the same
+  numbers); ``dampening=decay`` is the exponential moving average of the paper's boxes.
+  ``start="gradient"`` sets m₁ = g₁ whatever the dampening (PyTorch's first step, and the
+  paper code's pseudo-optimizers). ``nesterov`` returns g_t + decay · m_t, as optax and
+  PyTorch do; like PyTorch it requires ``dampening=0``.
+
+  Args:
+    decay: the momentum β.
+    dampening: d in [0, 1).
+    nesterov: Nesterov's variant.
+    accumulator_dtype: the dtype of m (default: the parameters').
+    start: "zero" (m₀ = 0) or "gradient" (m₁ = g₁).
+
+  Returns:
+    An `optax.GradientTransformation` (state `optax.TraceState` for ``start="zero"``,
+    `MomentumState` for ``start="gradient"``).
+
+  Example:
+    >>> import jax.numpy as jnp, optclip
+    >>> tx = optclip.scale_by_damped_trace(0.9, dampening=0.9)
+    >>> tx.update(jnp.array([2.]), tx.init(jnp.zeros(1)))[0]
+    Array([0.2], dtype=float32)
+  """
   if start not in MOMENTUM_STARTS:
     raise ValueError(f"momentum_start must be one of {MOMENTUM_STARTS}, got {start!r}")
-  if start == "zero":
-    return optax.ema(beta, debias=False)
+  if nesterov and not (isinstance(dampening, (int, float)) and dampening == 0):
+    raise ValueError(f"nesterov=True needs dampening=0 (as in PyTorch), got {dampening!r}")
+  if start == "zero" and isinstance(dampening, (int, float)) and dampening == 0:
+    return optax.trace(decay, nesterov, accumulator_dtype)
+  dtype = None if accumulator_dtype is None else jnp.dtype(accumulator_dtype)
+  zeros = lambda params: optax.tree.zeros_like(params, dtype=dtype)
+
+  def next_trace(g, t, first):
+    damped = decay * t + (1 - dampening) * g
+    return jnp.where(first, g, damped) if first is not None else damped
 
   def init_fn(params):
-    return MomentumState(jnp.zeros([], jnp.int32), optax.tree.zeros_like(params))
+    if start == "zero":
+      return optax.TraceState(trace=zeros(params))
+    return MomentumState(jnp.zeros([], jnp.int32), zeros(params))
 
   def update_fn(updates, state, params=None):
     del params
-    momentum = jax.tree.map(lambda g, m: jnp.where(state.count == 0, g, (1 - beta) * g + beta * m),
-                            updates, state.momentum)
-    return momentum, MomentumState(optax.safe_increment(state.count), momentum)
+    if start == "zero":
+      trace = jax.tree.map(lambda g, t: next_trace(g, t, None), updates, state.trace)
+      new_state = optax.TraceState(trace=optax.tree.cast(trace, dtype))
+    else:
+      trace = jax.tree.map(lambda g, t: next_trace(g, t, state.count == 0), updates,
+                           state.momentum)
+      new_state = MomentumState(optax.safe_increment(state.count),
+                                optax.tree.cast(trace, dtype))
+    return trace, new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def sgd(learning_rate: ScalarOrSchedule, momentum: float = 0.9, *,
-        clip: Optional[float] = None, momentum_start: str = "zero"
+def sgd(learning_rate: ScalarOrSchedule, momentum: Optional[float] = None,
+        nesterov: bool = False, accumulator_dtype: Optional[Any] = None, *,
+        dampening: float = 0.0, momentum_start: str = "zero", clip: Optional[float] = None
         ) -> optax.GradientTransformation:
-  """SGD with momentum and optional coordinate-wise clipping (Algorithm 3).
+  """`optax.sgd` with coordinate-wise clipping and PyTorch's dampening (Algorithm 3).
 
-    ĝ_t = clip(g_t);  m_t = β m_{t-1} + (1 - β) ĝ_t;  x_t = x_{t-1} - η m_t
+    ĝ_t = clip(g_t);  m_t = β m_{t-1} + (1 - d) ĝ_t;  x_t = x_{t-1} - η m_t
+
+  With ``clip=None`` and ``dampening=0`` this is `optax.sgd` with the same arguments and
+  defaults (no momentum unless asked). The paper's Algorithm 3 is ``momentum=0.9,
+  dampening=0.9`` (m is an exponential moving average, so its step is 1 - β = 10 times
+  smaller than optax's at the same η).
 
   Args:
     learning_rate: η, a float or an `optax.Schedule`.
-    momentum: β.
+    momentum: β, or None for plain SGD.
+    nesterov: Nesterov momentum (needs ``dampening=0``).
+    accumulator_dtype: the dtype of m.
+    dampening: d (Algorithm 3: d = β).
+    momentum_start: "zero" (m₀ = 0, optax and Algorithm 3) or "gradient" (m₁ = ĝ₁, as
+      PyTorch and the paper's code start it).
     clip: fraction of coordinates to clip (the paper uses 0.1), or None.
-    momentum_start: "zero" (Algorithm 3: m₀ = 0) or "gradient" (m₁ = ĝ₁, as PyTorch and the
-      paper's code start it).
 
   Returns:
     An `optax.GradientTransformation`.
@@ -118,14 +183,24 @@ def sgd(learning_rate: ScalarOrSchedule, momentum: float = 0.9, *,
     >>> tx = optclip.sgd(0.1, clip=1.0)  # clip=1: every coordinate clipped to min |g|
     >>> updates, _ = tx.update(jnp.array([4., 1.]), tx.init(jnp.zeros(2)))
     >>> updates
-    Array([-0.01, -0.01], dtype=float32)
+    Array([-0.1, -0.1], dtype=float32)
+    >>> paper = optclip.sgd(0.1, momentum=0.9, dampening=0.9)  # Algorithm 3's box
+    >>> paper.update(jnp.array([4., 1.]), paper.init(jnp.zeros(2)))[0]
+    Array([-0.04, -0.01], dtype=float32)
 
   References:
     Pan & Li 2023, arXiv 2306.00204, Algorithm 3.
   """
   clip = _optional_fraction(clip, "clip")
-  return optax.chain(*_maybe_clip(clip), _momentum(momentum, momentum_start),
-                     optax.scale_by_learning_rate(learning_rate))
+  if momentum is None:
+    if momentum_start not in MOMENTUM_STARTS:
+      raise ValueError(f"momentum_start must be one of {MOMENTUM_STARTS}, got "
+                       f"{momentum_start!r}")
+    trace = optax.identity()  # as optax.sgd, so the states have the same structure
+  else:
+    trace = scale_by_damped_trace(momentum, dampening, nesterov=nesterov,
+                                  accumulator_dtype=accumulator_dtype, start=momentum_start)
+  return optax.chain(*_maybe_clip(clip), trace, optax.scale_by_learning_rate(learning_rate))
 
 
 def scale_by_frobenius_normalization(eps: float = 0.0) -> optax.GradientTransformation:
@@ -134,6 +209,18 @@ def scale_by_frobenius_normalization(eps: float = 0.0) -> optax.GradientTransfor
   Each leaf is one block: a weight matrix of shape (m, n) gets Frobenius norm sqrt(mn), i.e.
   unit RMS. Vectors (biases, norms) and higher-rank kernels are treated the same way, with
   their size in place of mn; a scalar becomes its sign. A zero leaf stays zero.
+
+  Args:
+    eps: added to ‖M‖_F.
+
+  Returns:
+    An `optax.GradientTransformation` without state.
+
+  Example:
+    >>> import jax.numpy as jnp, optclip
+    >>> tx = optclip.scale_by_frobenius_normalization()
+    >>> [round(float(x), 4) for x in tx.update({"w": jnp.array([3., 4.])}, None)[0]["w"]]
+    [0.8485, 1.1314]
   """
   def update_fn(updates, state, params=None):
     del params
@@ -184,16 +271,43 @@ def normalized_sgd(learning_rate: ScalarOrSchedule, momentum: float = 0.9, *,
                      optax.scale_by_learning_rate(learning_rate))
 
 
-def sign_sgd(learning_rate: ScalarOrSchedule, momentum: float = 0.9, *,
-             clip: Optional[float] = None, momentum_start: str = "zero"
-             ) -> optax.GradientTransformation:
-  """Sign SGD with momentum (Algorithm 5).
+def sign_sgd(learning_rate: ScalarOrSchedule) -> optax.GradientTransformation:
+  """`optax.sign_sgd`: x_t = x_{t-1} - η sgn(g_t), no momentum.
 
-    ĝ_t = clip(g_t);  m_t = β m_{t-1} + (1 - β) ĝ_t;  x_t = x_{t-1} - η sgn(m_t)
+  Coordinate-wise clipping keeps every sign, so it would not change this optimizer; the
+  paper's sign SGD with momentum, where it does, is `signum`.
 
   Args:
     learning_rate: η, a float or an `optax.Schedule`.
-    momentum: β.
+
+  Returns:
+    An `optax.GradientTransformation`.
+
+  Example:
+    >>> import jax.numpy as jnp, optclip
+    >>> tx = optclip.sign_sgd(0.5)
+    >>> tx.update(jnp.array([4., -1e-3]), tx.init(jnp.zeros(2)))[0]
+    Array([-0.5,  0.5], dtype=float32)
+
+  References:
+    Bernstein et al. 2018, signSGD (arXiv 1802.04434).
+  """
+  return optax.sign_sgd(learning_rate)
+
+
+def signum(learning_rate: ScalarOrSchedule, beta: float = 0.9,
+           accumulator_dtype: Optional[Any] = None, *, clip: Optional[float] = None,
+           momentum_start: str = "zero") -> optax.GradientTransformation:
+  """Sign SGD with momentum (Algorithm 5), `optax.signum` with coordinate-wise clipping.
+
+    ĝ_t = clip(g_t);  m_t = β m_{t-1} + (1 - β) ĝ_t;  x_t = x_{t-1} - η sgn(m_t)
+
+  With ``clip=None`` this is `optax.signum` with the same arguments and defaults.
+
+  Args:
+    learning_rate: η, a float or an `optax.Schedule`.
+    beta: β.
+    accumulator_dtype: the dtype of m.
     clip: fraction of coordinates to clip, or None.
     momentum_start: "zero" (the algorithm box) or "gradient" (m₁ = ĝ₁); see `sgd`.
 
@@ -202,16 +316,16 @@ def sign_sgd(learning_rate: ScalarOrSchedule, momentum: float = 0.9, *,
 
   Example:
     >>> import jax.numpy as jnp, optclip
-    >>> tx = optclip.sign_sgd(0.5)
-    >>> updates, _ = tx.update(jnp.array([4., -1e-3]), tx.init(jnp.zeros(2)))
-    >>> updates
+    >>> tx = optclip.signum(0.5)
+    >>> tx.update(jnp.array([4., -1e-3]), tx.init(jnp.zeros(2)))[0]
     Array([-0.5,  0.5], dtype=float32)
 
   References:
-    Pan & Li 2023, arXiv 2306.00204, Algorithm 5.
+    Pan & Li 2023, arXiv 2306.00204, Algorithm 5; Bernstein et al. 2018 (arXiv 1802.04434).
   """
   clip = _optional_fraction(clip, "clip")
-  return optax.chain(*_maybe_clip(clip), _momentum(momentum, momentum_start),
+  return optax.chain(*_maybe_clip(clip),
+                     _ema(beta, accumulator_dtype, momentum_start),
                      optax.scale_by_sign(), optax.scale_by_learning_rate(learning_rate))
 
 
@@ -233,6 +347,23 @@ def scale_by_clipped_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
 
   (Nesterov: μ̂ = β₁μ / (1 - β₁ᵗ⁺¹) + (1 - β₁)ĝ / (1 - β₁ᵗ)). The operations are those of
   `optax.scale_by_adam`, which this is, state included, when ``clip`` is None.
+
+  Args:
+    b1, b2, eps, eps_root, mu_dtype, nesterov: as `optax.scale_by_adam`.
+    clip: fraction of coordinates of g to clip before μ, or None.
+
+  Returns:
+    An `optax.GradientTransformation` (state `ScaleByClippedAdamState`, or optax's).
+
+  Example:
+    >>> import jax.numpy as jnp, optclip
+    >>> tx = optclip.scale_by_clipped_adam(clip=0.5)
+    >>> u, _ = tx.update(jnp.array([4., 1., 2.]), tx.init(jnp.zeros(3)))
+    >>> [round(float(x), 3) for x in u]  # ĝ = (2, 1, 2) over sqrt(ν̂) = |g|
+    [0.5, 1.0, 1.0]
+
+  References:
+    Pan & Li 2023, arXiv 2306.00204, Algorithm 6 and Figure 5.
   """
   clip = _optional_fraction(clip, "clip")
   if clip is None:
@@ -340,6 +471,29 @@ def scale_by_clipped_adafactor(
   ``momentum`` (not in the paper's boxes) optionally averages Û_t. Argument names follow
   `optax.adafactor` where they mean the same: ``eps`` is ε₁, ``clipping_threshold`` is d
   (None: no update clipping).
+
+  Args:
+    clip: fraction of coordinates of G to clip in the numerator, or None.
+    decay_rate, decay_offset: β̂₂ₜ's schedule.
+    eps: ε₁.
+    clipping_threshold: d, or None.
+    momentum: an optional average of Û_t, or None (the paper's).
+    dtype_momentum: its dtype.
+    factored: factor the second moment of leaves with two or more axes.
+
+  Returns:
+    An `optax.GradientTransformation` (state `ScaleByClippedAdafactorState`).
+
+  Example:
+    >>> import jax.numpy as jnp, optclip
+    >>> tx = optclip.scale_by_clipped_adafactor()
+    >>> u, _ = tx.update({"b": jnp.array([2., -2.])}, tx.init({"b": jnp.zeros(2)}))
+    >>> u["b"]  # the first step: G / sqrt(G² + ε₁), then RMS-clipped at d = 1
+    Array([ 1., -1.], dtype=float32)
+
+  References:
+    Pan & Li 2023, arXiv 2306.00204, Algorithms 7-8; Shazeer & Stern 2018 (arXiv
+    1804.04235).
   """
   clip = _optional_fraction(clip, "clip")
 
@@ -516,6 +670,23 @@ def scale_by_clipped_lion(b1: float = 0.9, b2: float = 0.99, mu_dtype: Optional[
   τ_c: coordinates at or above τ_c become ±1 as with the sign, smaller ones keep their
   relative size (with clip_update=1 this is the sign again). With both None this is
   `optax.scale_by_lion`, state included.
+
+  Args:
+    b1, b2, mu_dtype: as `optax.scale_by_lion`.
+    clip: fraction of coordinates of g to clip, or None.
+    clip_update: fraction of coordinates of c to clip in place of the sign, or None.
+
+  Returns:
+    An `optax.GradientTransformation`.
+
+  Example:
+    >>> import jax.numpy as jnp, optclip
+    >>> tx = optclip.scale_by_clipped_lion(clip_update=0.5)
+    >>> tx.update(jnp.array([4., 1.]), tx.init(jnp.zeros(2)))[0]  # c = 0.1 g, τ_c = 0.4
+    Array([1.  , 0.25], dtype=float32)
+
+  References:
+    Pan & Li 2023, arXiv 2306.00204, Algorithm 9 and Section 4.1.
   """
   clip = _optional_fraction(clip, "clip")
   clip_update = _optional_fraction(clip_update, "clip_update")

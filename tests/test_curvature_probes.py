@@ -103,7 +103,8 @@ def _grads_and_params(seed=0, steps=5):
 
 def test_pseudo_updates_equal_running_each_optimizer_alone():
   grads, params = _grads_and_params()
-  optimizers = {"sgd": optclip.sgd(0.1), "sgd_clip": optclip.sgd(0.1, clip=0.1),
+  optimizers = {"sgd": optclip.sgd(0.1, momentum=0.9, dampening=0.9),
+                "sgd_clip": optclip.sgd(0.1, momentum=0.9, clip=0.1),
                 "adam": optclip.adam(0.01, clip=0.5), "lion": optclip.lion(0.01)}
   tx = probes.with_pseudo_updates(optax.sgd(0.3), optimizers)
   state = tx.init(params[0])
@@ -127,8 +128,9 @@ def test_with_pseudo_updates_trains_like_its_training_optimizer():
   data = [jnp.asarray(rng.standard_normal((8, 3)), jnp.float32) for _ in range(6)]
   loss = lambda p, batch: jnp.mean(jnp.square(batch @ p["w"] - 1.0))
   params = {"w": jnp.ones((3, 2))}
-  train = optclip.sgd(0.05)
-  tx = probes.with_pseudo_updates(train, {"adam": optclip.adam(1e-3), "sgd": optclip.sgd(0.05)})
+  train = optclip.sgd(0.05, momentum=0.9)
+  tx = probes.with_pseudo_updates(train, {"adam": optclip.adam(1e-3),
+                                          "sgd": optclip.sgd(0.05, momentum=0.9)})
   state, alone = tx.init(params), train.init(params)
   replay = params
   for batch in data:

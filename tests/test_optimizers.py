@@ -1,6 +1,8 @@
 """The optimizer family against NumPy transcriptions of Algorithms 3-9, and against optax."""
 
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -51,11 +53,11 @@ def _as_lists(keys, seq):
 
 
 CASES = {
-    "sgd": (lambda c, cu: optclip.sgd(0.1, 0.9, clip=c),
+    "sgd": (lambda c, cu: optclip.sgd(0.1, 0.9, dampening=0.9, clip=c),
             lambda g, p, c, cu: oracles.sgd(g, 0.1, 0.9, c)),
     "normalized_sgd": (lambda c, cu: optclip.normalized_sgd(0.1, 0.9, clip=c),
                        lambda g, p, c, cu: oracles.sgd(g, 0.1, 0.9, c, normalize=True)),
-    "sign_sgd": (lambda c, cu: optclip.sign_sgd(0.1, 0.9, clip=c),
+    "signum": (lambda c, cu: optclip.signum(0.1, 0.9, clip=c),
                  lambda g, p, c, cu: oracles.sgd(g, 0.1, 0.9, c, sign=True)),
     "adam": (lambda c, cu: optclip.adam(0.1, clip=c, clip_update=cu),
              lambda g, p, c, cu: oracles.adam(g, 0.1, 0.9, 0.999, 1e-8, c, cu)),
@@ -149,7 +151,7 @@ def test_schedule_learning_rate_and_no_recompile(name):
   factories = {
       "sgd": lambda: optclip.sgd(schedule, clip=0.1),
       "normalized_sgd": lambda: optclip.normalized_sgd(schedule, clip=0.1),
-      "sign_sgd": lambda: optclip.sign_sgd(schedule),
+      "signum": lambda: optclip.signum(schedule),
       "adam": lambda: optclip.adam(schedule, clip=0.5),
       "lion": lambda: optclip.lion(schedule, clip_update=0.5),
       "adafactor_relative": lambda: optclip.adafactor(None, clip=0.5),
@@ -220,8 +222,8 @@ def test_momentum_started_at_the_first_gradient():
   """momentum_start="gradient": m₁ = ĝ₁, then m_t = β m_{t-1} + (1 - β) ĝ_t (the paper
   code's convention), against NumPy; the default is Algorithm 3's box (m₀ = 0)."""
   keys, params, grads = _problem("mlp", seed=5)
-  for make, transform in [(optclip.sgd, lambda m: m),
-                          (optclip.sign_sgd, np.sign),
+  for make, transform in [(functools.partial(optclip.sgd, dampening=0.9), lambda m: m),
+                          (optclip.signum, np.sign),
                           (optclip.normalized_sgd,
                            lambda m: m / np.linalg.norm(m.ravel()) * np.sqrt(m.size))]:
     got = _as_lists(keys, _run(make(0.1, 0.9, clip=0.5, momentum_start="gradient"),
@@ -247,7 +249,7 @@ CLIPPED = {
     "coord_clip": lambda: optax.chain(optclip.coord_clip(0.3), optax.sgd(1.0)),
     "sgd": lambda: optclip.sgd(0.1, clip=0.3),
     "normalized_sgd": lambda: optclip.normalized_sgd(0.1, clip=0.3),
-    "sign_sgd": lambda: optclip.sign_sgd(0.1, clip=0.3),
+    "signum": lambda: optclip.signum(0.1, clip=0.3),
     "adam": lambda: optclip.adam(0.1, clip=0.3),
     "adafactor": lambda: optclip.adafactor(0.1, clip=0.3),
     "lion": lambda: optclip.lion(0.1, clip=0.3),
@@ -293,3 +295,47 @@ def test_clip_update_statistics_and_both_clips():
   assert len(found) == 2
   tau = oracles.threshold([grads[0][k] for k in keys], 0.3)
   assert float(optax.tree_utils.tree_get(state.__getitem__(0).clip, "threshold")) == tau
+
+
+OPTAX_NAMES = {
+    "sgd": (lambda: optclip.sgd(0.1), lambda: optax.sgd(0.1)),
+    "sgd momentum": (lambda: optclip.sgd(0.1, 0.9), lambda: optax.sgd(0.1, 0.9)),
+    "sgd nesterov": (lambda: optclip.sgd(0.1, 0.9, nesterov=True),
+                     lambda: optax.sgd(0.1, 0.9, nesterov=True)),
+    "sgd bfloat16 trace": (lambda: optclip.sgd(0.1, 0.9, accumulator_dtype=jnp.bfloat16),
+                           lambda: optax.sgd(0.1, 0.9, accumulator_dtype=jnp.bfloat16)),
+    "sign_sgd": (lambda: optclip.sign_sgd(0.1), lambda: optax.sign_sgd(0.1)),
+    "signum": (lambda: optclip.signum(0.1, 0.8), lambda: optax.signum(0.1, 0.8)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OPTAX_NAMES))
+def test_a_name_optax_has_means_what_optax_means(name):
+  """Unclipped, an optimizer optax also has gives optax's updates bit for bit, defaults
+  included (optclip.sgd(η) has no momentum, as optax.sgd(η))."""
+  ours, theirs = (make() for make in OPTAX_NAMES[name])
+  keys, params, grads = _problem("mlp", seed=6)
+  got, want = _run(ours, params, grads), _run(theirs, params, grads)
+  for g, w in zip(got, want):
+    chex.assert_trees_all_equal(g, w)
+  assert (jax.tree.structure(ours.init(params[0]))
+          == jax.tree.structure(theirs.init(params[0])))
+
+
+def test_sgd_dampening_follows_pytorch():
+  """m_t = β m_{t-1} + (1 - d) ĝ_t from m₀ = 0, and m₁ = ĝ₁ with momentum_start="gradient"
+  (torch.optim.SGD's rule), transcribed in NumPy; Nesterov refuses a dampening, as PyTorch."""
+  keys, params, grads = _problem("mlp", seed=7)
+  for start in ("zero", "gradient"):
+    got = _as_lists(keys, _run(optclip.sgd(0.1, 0.8, dampening=0.3, momentum_start=start),
+                               params, grads))
+    m = None
+    for step_got, g in zip(got, _as_lists(keys, grads)):
+      if m is None:
+        m = g if start == "gradient" else [0.7 * x for x in g]
+      else:
+        m = [0.8 * mi + 0.7 * x for mi, x in zip(m, g)]
+      for leaf_got, mi in zip(step_got, m):
+        np.testing.assert_allclose(leaf_got, -0.1 * mi, rtol=2e-6, atol=1e-8)
+  with pytest.raises(ValueError, match="dampening"):
+    optclip.sgd(0.1, 0.9, nesterov=True, dampening=0.5)

@@ -45,7 +45,8 @@ def choices(config: dict) -> list:
        "one and used as SGD's denominator only where SGD's raw value is negative, marked ‡"),
       ("SGD momentum start", "Algorithm 3's box: m₀ = 0",
        "the pseudo-optimizer starts at m₁ = g₁ (landscape_utils.py, `SGDParams.update`)",
-       "the probes start at m₁ = g₁ as the code; `optclip.sgd`'s default is the box"),
+       "the probes, and the trajectories that follow one, start at m₁ = g₁ as the code; "
+       "Figure 6's runs (`optclip.sgd(η, momentum=0.9, dampening=0.9)`) at the box's m₀ = 0"),
       ("Adam's bias correction", "Algorithm 6's box omits it",
        "bias-corrected (landscape_utils.py, `AdamParams.get_update_step`)",
        "bias-corrected, as `optax.adam`"),

@@ -9,12 +9,14 @@ import optax
 
 import optclip
 
-# The paper's algorithms (Appendix B.2) under the names its tables use. Algorithm 9 (Lion)
-# has no weight decay (optax's and optclip's default is 1e-3), so it is passed as 0.
+# The paper's algorithms (Appendix B.2) under the names its tables use. Algorithm 3's SGD
+# has an exponential-moving-average momentum (optclip.sgd, like optax.sgd, has none by
+# default): momentum = dampening = 0.9. Its sign SGD (Algorithm 5) is signum. Algorithm 9
+# (Lion) has no weight decay (optax's and optclip's default is 1e-3), so it is passed as 0.
 BASES = {
-    "sgd": optclip.sgd,
+    "sgd": functools.partial(optclip.sgd, momentum=0.9, dampening=0.9),
     "normalized sgd": optclip.normalized_sgd,
-    "sign sgd": optclip.sign_sgd,
+    "sign sgd": optclip.signum,
     "adam": optclip.adam,
     "adafactor": optclip.adafactor,
     "lion": functools.partial(optclip.lion, weight_decay=0.0),

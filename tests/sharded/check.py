@@ -46,9 +46,9 @@ def check(spec):
       got = jax.jit(optclip.clip_threshold, static_argnums=1)(s_grads, fraction)
       np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     for name, tx in [("adam", optclip.adam(1e-3, clip=0.5)),
-                     ("sgd", optclip.sgd(1e-3, clip=0.1)),
+                     ("sgd", optclip.sgd(1e-3, momentum=0.9, dampening=0.9, clip=0.1)),
                      ("normalized_sgd", optclip.normalized_sgd(1e-3, clip=0.1)),
-                     ("sign_sgd", optclip.sign_sgd(1e-3, clip=0.1)),
+                     ("signum", optclip.signum(1e-3, clip=0.1)),
                      ("lion", optclip.lion(1e-3, clip_update=0.5)),
                      ("adafactor", optclip.adafactor(None, clip=0.5)),
                      ("coord_clip", optax.chain(optclip.coord_clip(0.1), optax.sgd(1.0)))]:
