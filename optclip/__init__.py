@@ -12,7 +12,8 @@ References:
 """
 
 from optclip import curvature, geometry, probes, sharding
-from optclip.clipping import CoordClipState, clip_threshold, clip_to_threshold, coord_clip
+from optclip.clipping import (CoordClipState, clip_states, clip_threshold, clip_to_threshold,
+                              coord_clip)
 from optclip.geometry import directional_sharpness, gradient_correlation, landscape
 from optclip.optimizers import (adafactor, adam, lion, normalized_sgd, scale_by_clipped_adafactor,
                                 scale_by_clipped_adam, scale_by_clipped_lion,
@@ -21,10 +22,28 @@ from optclip.optimizers import (adafactor, adam, lion, normalized_sgd, scale_by_
 
 __version__ = "0.1.0"
 
+# optclip.models needs flax and optclip.data needs datasets/tokenizers (the "models" and
+# "data" extras): imported on first use, so `import optclip` needs only the core.
+_LAZY = ("data", "models")
+
+
+def __getattr__(name):
+  if name in _LAZY:
+    import importlib
+    module = importlib.import_module(f"optclip.{name}")
+    globals()[name] = module
+    return module
+  raise AttributeError(f"module 'optclip' has no attribute {name!r}")
+
+
+def __dir__():
+  return sorted(set(globals()) | set(_LAZY))
+
 __all__ = [
     "CoordClipState",
     "adafactor",
     "adam",
+    "clip_states",
     "clip_threshold",
     "clip_to_threshold",
     "coord_clip",

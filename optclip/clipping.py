@@ -1,6 +1,6 @@
 """Coordinate-wise clipping to the top-k% magnitude (Pan & Li 2023, Section 4.1).
 
-The clipped gradient is ĝ_i = sgn(g_i) · min(|g_i|, τ), where τ is the k-th largest |g_i| over
+The clipped gradient is ĝ_i = sgn(g_i) · min(``|g_i|``, τ), where τ is the k-th largest ``|g_i|`` over
 all finite coordinates of all floating-point leaves, k = ⌈fraction · n⌉.
 
 Finding τ exactly is a selection problem; `optclip._selection` solves it on the float bit
@@ -86,7 +86,7 @@ def _sharded_threshold_keys(float_leaves, fraction, per_leaf: bool):
   (or extremes) locally and then all-reduces one small (groups, pivots) table, so the
   communication per pass is a few scalars whatever the model size. Gathering a sample
   across devices would cost more than the whole search, so the first pivots come from the
-  mean |g|.
+  mean ``|g|``.
   """
   mesh = next(jax.typeof(l).sharding.mesh for l in float_leaves if _is_sharded(l))
   axes = tuple(mesh.axis_names)
@@ -163,7 +163,7 @@ def _threshold(tree: Any, fraction, per_leaf: bool) -> Any:
 def clip_threshold(tree: Any, fraction: float | jax.Array, *, per_leaf: bool = False) -> Any:
   """The coordinate-wise clipping threshold τ of a pytree.
 
-  τ is the k-th largest |g| over the finite coordinates of the floating-point leaves, with
+  τ is the k-th largest ``|g|`` over the finite coordinates of the floating-point leaves, with
   k = ⌈fraction · n⌉ for n finite coordinates: NumPy's float64 ``ceil(fraction * n)``, at
   least 1 (a traced fraction is read as float32 first). τ equals
   ``np.sort(np.abs(finite_values))[::-1][k - 1]`` bit for bit. Non-floating leaves (ints,
@@ -203,12 +203,20 @@ def _threshold_for_dtype(threshold, dtype):
 
 
 def clip_to_threshold(tree: Any, threshold: Any) -> Any:
-  """ĝ_i = sgn(g_i) · min(|g_i|, τ) on floating leaves; other leaves and non-finite entries pass.
+  """ĝ_i = sgn(g_i) · min(``|g_i|``, τ) on floating leaves; other leaves and non-finite entries pass.
 
   Args:
     tree: a pytree of arrays.
     threshold: a scalar τ, or a pytree of scalars matching ``tree`` (as returned by
       ``clip_threshold(..., per_leaf=True)``).
+
+  Returns:
+    A pytree like ``tree``, dtypes kept.
+
+  Example:
+    >>> import jax.numpy as jnp, optclip
+    >>> optclip.clip_to_threshold({"g": jnp.array([3., -0.5, -2.])}, 1.0)["g"]
+    Array([ 1. , -0.5, -1. ], dtype=float32)
   """
   def clip_leaf(g, tau):
     if not _is_float_leaf(g):
@@ -225,15 +233,52 @@ def clip_to_threshold(tree: Any, threshold: Any) -> Any:
 
 class CoordClipState(NamedTuple):
   """What the last clip did, for logging: `coord_clip`'s state, and a field of every clipped
-  optimizer's state (read any of them with ``optax.tree_utils.tree_get(state, "threshold")``).
+  optimizer's state.
 
-  Before the first update: τ = +inf, nothing clipped, norms 0.
+  Fields (before the first update: τ = +inf, nothing clipped, norms 0):
+
+  * ``threshold``: τ, a scalar in the gradient's float dtype. With ``per_leaf=True`` a
+    pytree shaped like the parameters, one scalar τ per float leaf (None elsewhere).
+  * ``clipped_count``: int32 scalar, the finite coordinates with ``|g|`` > τ, i.e. those the
+    clip changed, over all leaves (also with ``per_leaf=True``). Coordinates *equal* to τ
+    (the k-th largest itself and its ties) are not counted, so at ``fraction=0.5`` this
+    reads ⌈n/2⌉ - 1 or fewer, and ``clipped_fraction`` just under 50%.
+  * ``clipped_fraction``: float32 scalar, ``clipped_count`` / the number of finite
+    coordinates.
+  * ``norm_before``, ``norm_after``: float32 scalars, ‖g‖₂ and ‖ĝ‖₂ over the float leaves
+    (NaN/Inf coordinates make them NaN/Inf).
+
+  Read one clip's field with ``optax.tree_utils.tree_get(state, "clipped_fraction")``;
+  where an optimizer clips twice (``clip`` and ``clip_update``) `clip_states` lists both.
   """
-  threshold: Any  # τ; with per_leaf=True a pytree of per-leaf τ (None on non-float leaves)
-  clipped_count: jax.Array  # int32: finite coordinates with |g| > τ, i.e. changed by the clip
-  clipped_fraction: jax.Array  # clipped_count / the number of finite coordinates
-  norm_before: jax.Array  # ‖g‖₂ over the floating leaves (NaN/Inf entries make it so)
-  norm_after: jax.Array  # ‖ĝ‖₂
+  threshold: Any
+  clipped_count: jax.Array
+  clipped_fraction: jax.Array
+  norm_before: jax.Array
+  norm_after: jax.Array
+
+
+def clip_states(state) -> dict:
+  """{path: `CoordClipState`} of every clip inside an optimizer state, by its path.
+
+  Args:
+    state: an optimizer state (any pytree).
+
+  Returns:
+    A dict from `jax.tree_util.keystr` paths to the states, in tree order (empty where
+    nothing clips).
+
+  Example:
+    >>> import jax.numpy as jnp, optclip
+    >>> tx = optclip.adam(0.1, clip=0.5, clip_update=0.5)
+    >>> state = tx.update(jnp.array([3., -1., 2.]), tx.init(jnp.zeros(3)))[1]
+    >>> {path: round(float(s.threshold), 3) for path, s in optclip.clip_states(state).items()}
+    {'[0].clip': 2.0, '[1]': 1.0}
+  """
+  leaves = jax.tree_util.tree_flatten_with_path(
+      state, is_leaf=lambda node: isinstance(node, CoordClipState))[0]
+  return {jax.tree_util.keystr(path): node for path, node in leaves
+          if isinstance(node, CoordClipState)}
 
 
 def init_clip_state(params, per_leaf: bool = False) -> CoordClipState:
@@ -251,7 +296,7 @@ def init_clip_state(params, per_leaf: bool = False) -> CoordClipState:
 def _clip_statistics(tree, threshold, like: CoordClipState, per_leaf: bool) -> CoordClipState:
   """One variadic reduction per leaf (a single pass, as in the threshold search): the
   clipped and the finite count (int32) and both squared norms (float32), the clipped one
-  from |g| and τ so that ĝ is never stored for it."""
+  from ``|g|`` and τ so that ĝ is never stored for it."""
   taus = (jax.tree.leaves(threshold) if per_leaf
           else [threshold] * len(jax.tree.leaves(tree)))
   zeros = (jnp.zeros((), jnp.int32),) * 2 + (jnp.zeros((), jnp.float32),) * 2
@@ -297,7 +342,7 @@ def coord_clip(fraction: float | jax.Array, *, per_leaf: bool = False
 
   Update rule, with τ = `clip_threshold(g, fraction, per_leaf=per_leaf)`:
 
-    ĝ_i = sgn(g_i) · min(|g_i|, τ)
+    ĝ_i = sgn(g_i) · min(``|g_i|``, τ)
 
   so the ⌈fraction · n⌉ largest coordinates (and their ties) are set to ±τ and the rest pass
   unchanged. NaN/Inf coordinates are excluded from τ and pass through, so
@@ -307,7 +352,7 @@ def coord_clip(fraction: float | jax.Array, *, per_leaf: bool = False
 
   Args:
     fraction: fraction of coordinates to clip, in (0, 1]; ``fraction=1`` clips everything to
-      the smallest |g|.
+      the smallest ``|g|``.
     per_leaf: one threshold per leaf instead of one over all parameters.
 
   Returns:

@@ -21,6 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 __all__ = [
     "batch_spec",
+    "batch_spec_for",
     "explicit_spec",
     "fsdp_spec",
     "gathered_loss",
@@ -63,13 +64,15 @@ def parse_mesh_spec(spec: str) -> dict:
 
 
 def mesh_from_spec(spec: str | Mapping[str, int], devices: Sequence | None = None) -> Mesh:
-  """A mesh with the named axis sizes (explicit sharding, JAX's default for make_mesh)."""
+  """A mesh with the named axis sizes and explicit sharding on every axis."""
   axes = parse_mesh_spec(spec) if isinstance(spec, str) else dict(spec)
   devices = list(jax.devices() if devices is None else devices)
   needed = int(np.prod(list(axes.values())))
   if needed != len(devices):
     raise ValueError(f"mesh spec {axes} needs {needed} devices, {len(devices)} available")
-  return jax.make_mesh(tuple(axes.values()), tuple(axes), devices=devices)
+  # Explicit axes asked for by name: JAX's default for make_mesh only from 0.10 on.
+  explicit = (jax.sharding.AxisType.Explicit,) * len(axes)
+  return jax.make_mesh(tuple(axes.values()), tuple(axes), devices=devices, axis_types=explicit)
 
 
 def fsdp_spec(shape: Sequence[int], mesh: Mesh, axis: str = "fsdp",
@@ -95,24 +98,35 @@ def shard_params(tree: Any, mesh: Mesh, axis: str = "fsdp",
                                                                 min_size))), tree)
 
 
-def batch_spec(ndim: int, axis: str = "data") -> PartitionSpec:
+def batch_spec(ndim: int, axis: str | tuple = "data") -> PartitionSpec:
   return PartitionSpec(axis, *([None] * (ndim - 1))) if ndim else PartitionSpec()
 
 
-def shard_batch(batch: Any, mesh: Mesh, axis: str = "data") -> Any:
-  """Splits the leading (batch) axis of every leaf over ``axis``.
+def batch_spec_for(shape: Sequence[int], mesh: Mesh,
+                   axes: Sequence[str] = ("data", "fsdp")) -> PartitionSpec:
+  """The leading (batch) axis split over as many of ``axes`` as divide it, in order (FSDP
+  gives every device its own examples: over data and fsdp together where the batch
+  divides, over data alone where only that does), else replicated."""
+  present = [a for a in axes if mesh.shape.get(a, 1) > 1]
+  if not shape:
+    return PartitionSpec()
+  for count in range(len(present), 0, -1):
+    chosen = tuple(present[:count])
+    if shape[0] % int(np.prod([mesh.shape[a] for a in chosen])) == 0:
+      return batch_spec(len(shape), chosen if len(chosen) > 1 else chosen[0])
+  return PartitionSpec()
+
+
+def shard_batch(batch: Any, mesh: Mesh, axes: Sequence[str] = ("data", "fsdp")) -> Any:
+  """Splits the leading (batch) axis of every leaf over ``axes`` (see `batch_spec_for`).
 
   Leaves whose leading axis does not divide evenly (a batch of 25 on data=2, scalars) are
   replicated instead.
   """
-  size = mesh.shape.get(axis, 1)
-
-  def place(x):
-    split = size > 1 and np.ndim(x) > 0 and np.shape(x)[0] % size == 0
-    spec = batch_spec(np.ndim(x), axis) if split else PartitionSpec()
-    return jax.device_put(x, NamedSharding(mesh, spec))
-
-  return jax.tree.map(place, batch)
+  if isinstance(axes, str):
+    axes = (axes,)
+  return jax.tree.map(lambda x: jax.device_put(
+      x, NamedSharding(mesh, batch_spec_for(np.shape(x), mesh, axes))), batch)
 
 
 def placement(mesh: Mesh | None):

@@ -251,3 +251,18 @@ def test_translation_task_starts_from_a_checkpoint_folder_with_its_tokenizer(tmp
   chex.assert_trees_all_equal(task.init_params(1), params)
   with pytest.raises(UsageError, match="gpt_neo model, the folder holds t5"):
     tasks.build("code", preset, 0, checkpoints={"code": str(folder)})
+
+
+def test_cli_help_of_every_command_prints_without_a_traceback(capsys):
+  """`python -m experiments --help`, the first command a newcomer types, and every
+  subcommand's (a help text with a bare % once broke argparse's formatting)."""
+  from experiments import registry
+  from experiments.__main__ import main
+  result = subprocess.run([sys.executable, "-m", "experiments", "--help"],
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0 and "usage:" in result.stdout, result.stderr[-2000:]
+  for command in [e.name for e in registry.EXPERIMENTS] + ["reproduce", "report", "plan"]:
+    with pytest.raises(SystemExit) as exit_:
+      main([command, "--help"])
+    assert exit_.value.code == 0, command
+    assert "usage:" in capsys.readouterr().out, command

@@ -8,8 +8,6 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import optclip
-from experiments.artifacts.figures import (plot_coordinate_histograms, plot_spectral_density,
-                                 spectral_density_curve)
 from optclip import geometry
 
 
@@ -187,29 +185,6 @@ def test_coordinate_histogram_counts():
   want, _ = np.histogram(logs, bins=np.asarray(edges))
   np.testing.assert_array_equal(np.asarray(counts), want)
   assert int(zeros) == 1
-
-
-def test_plot_coordinate_histograms(tmp_path):
-  tree = {"a": jnp.asarray(np.random.default_rng(0).standard_t(2, 1000), jnp.float32)}
-  path = tmp_path / "h.png"
-  plot_coordinate_histograms({"sgd": geometry.coordinate_histogram(tree)}, str(path), "t")
-  assert path.stat().st_size > 1000
-
-
-def test_spectral_density_plot_integrates_to_one_and_peaks_at_the_eigenvalues(tmp_path):
-  """SLQ's nodes and weights of a known spectrum (dense eigh of a small Hessian), smoothed:
-  the curve integrates to 1 and is largest near the heaviest eigenvalue."""
-  loss, params, _ = quadratic_problem()
-  nodes, weights = optclip.curvature.hessian_spectral_density(loss, params, num_matvecs=6,
-                                                                num_samples=4)
-  dense = np.linalg.eigvalsh(np.asarray(jax.hessian(lambda x: loss({"x": x}))(params["x"])))
-  grid = np.linspace(dense.min() - 50, dense.max() + 50, 20001)
-  curve = spectral_density_curve(nodes, weights, grid, width=1.0)
-  np.testing.assert_allclose(np.trapezoid(curve, grid), 1.0, atol=1e-3)
-  assert np.min(np.abs(grid[np.argmax(curve)] - dense)) < 3.0
-  path = tmp_path / "density.png"
-  plot_spectral_density(nodes, weights, str(path))
-  assert path.stat().st_size > 1000
 
 
 def test_auto_falls_back_to_forward_mode_where_jet_has_no_rule():
