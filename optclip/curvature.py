@@ -46,7 +46,23 @@ __all__ = [
 
 
 def hessian_vector_product(loss_fn: Callable, params, vector):
-  """∇²f(x)·v by forward-over-reverse AD."""
+  """∇²f(x)·v by forward-over-reverse AD (a jvp of `jax.grad`).
+
+  Args:
+    loss_fn: params -> scalar loss f.
+    params: the point x, a pytree.
+    vector: v, a pytree like ``params``.
+
+  Returns:
+    A pytree like ``params``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from optclip import curvature
+    >>> loss = lambda x: jnp.sum(jnp.array([3., 1.]) * x ** 2)
+    >>> curvature.hessian_vector_product(loss, jnp.ones(2), jnp.array([1., 1.]))
+    Array([6., 2.], dtype=float32)
+  """
   return jax.jvp(jax.grad(loss_fn), (params,), (vector,))[1]
 
 
@@ -55,6 +71,24 @@ def gauss_newton_vector_product(outputs_fn: Callable, output_loss: Callable, par
 
   The generalised Gauss-Newton matrix drops the outputs' own curvature (positive
   semi-definite when ℓ is convex in z, as cross-entropy in the logits).
+
+  Args:
+    outputs_fn: params -> outputs z (the logits, say).
+    output_loss: z -> scalar ℓ(z).
+    params: the point x.
+    vector: v, a pytree like ``params``.
+
+  Returns:
+    A pytree like ``params``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from optclip import curvature
+    >>> outputs = lambda x: jnp.array([x[0] * x[1], x[1]])     # J = [[x1, x0], [0, 1]]
+    >>> loss = lambda z: 0.5 * jnp.sum(z ** 2)                  # ∇²ℓ = I
+    >>> curvature.gauss_newton_vector_product(outputs, loss, jnp.array([1., 2.]),
+    ...                                       jnp.array([1., 0.]))   # JᵀJ e₀
+    Array([4., 2.], dtype=float32)
   """
   outputs, jacobian_v = jax.jvp(outputs_fn, (params,), (vector,))
   curvature_jv = jax.jvp(jax.grad(output_loss), (outputs,), (jacobian_v,))[1]
@@ -66,6 +100,18 @@ def hessian_eigenpairs(loss_fn: Callable, params, k: int, *, key=None,
   """The ``k`` largest eigenvalues of ∇²f(x), descending, and unit eigenvectors.
 
   Lanczos (matfree) on Hessian-vector products; see `optclip.spectrum.eigenpairs`.
+  Needs unsharded parameters (matfree flattens its vectors).
+
+  Args:
+    loss_fn: params -> scalar loss.
+    params: the point x.
+    k: how many eigenpairs, 1 <= k <= the number of parameters.
+    key: PRNG key of the start vector (default key 0).
+    num_matvecs: Hessian-vector products, at least k (default max(2k + 20, 30), at most
+      the number of parameters).
+
+  Raises:
+    ValueError: where k or num_matvecs is out of range.
 
   Returns:
     ``(eigenvalues (k,), eigenvectors)``: a pytree like ``params`` with a leading axis k.
@@ -84,16 +130,62 @@ def hessian_eigenpairs(loss_fn: Callable, params, k: int, *, key=None,
 
 def hessian_trace(loss_fn: Callable, params, *, key=None, num_matvecs: int = 60,
                   method: str = "hutch++") -> TraceEstimate:
-  """tr ∇²f(x) by Hutch++ (or "xtrace", "hutchinson"), with its standard error; see
-  `optclip.spectrum.trace`."""
+  """tr ∇²f(x) by Hutch++ (or "xtrace", "hutchinson"), with its standard error.
+
+  See `optclip.spectrum.trace` for the estimators. Needs unsharded parameters.
+
+  Args:
+    loss_fn: params -> scalar loss.
+    params: the point x.
+    key: PRNG key of the random probes (default key 0).
+    num_matvecs: Hessian-vector products in all (at least 4 for Hutch++ and XTrace, 2 for
+      Hutchinson: fewer could not estimate the error).
+    method: "hutch++", "xtrace" or "hutchinson".
+
+  Returns:
+    A `TraceEstimate` (``trace``, ``stderr``); ``stderr`` is 0 only where the estimate is
+    exact (the probes span the whole space).
+
+  Raises:
+    ValueError: for an unknown method or too few products.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from optclip import curvature
+    >>> loss = lambda x: jnp.sum(jnp.array([3., 1., 2.]) * x ** 2)
+    >>> estimate = curvature.hessian_trace(loss, jnp.ones(3), num_matvecs=6)
+    >>> round(float(estimate.trace), 3)
+    12.0
+  """
   return spectrum.trace(lambda v: hessian_vector_product(loss_fn, params, v), params,
                         key=key, num_matvecs=num_matvecs, method=method)
 
 
 def hessian_spectral_density(loss_fn: Callable, params, *, key=None, num_matvecs: int = 30,
                              num_samples: int = 8):
-  """(nodes, weights) of ∇²f(x)'s eigenvalue density by stochastic Lanczos quadrature
-  (weights sum to 1); see `optclip.spectrum.spectral_density`."""
+  """(nodes, weights) of ∇²f(x)'s eigenvalue density by stochastic Lanczos quadrature.
+
+  See `optclip.spectrum.spectral_density`. Needs unsharded parameters.
+
+  Args:
+    loss_fn: params -> scalar loss.
+    params: the point x.
+    key: PRNG key of the start vectors (default key 0).
+    num_matvecs: Lanczos steps per sample (at most the number of parameters).
+    num_samples: Gaussian start vectors averaged over.
+
+  Returns:
+    ``(nodes, weights)``: Ritz values and their quadrature weights, which sum to 1 (a
+    discrete measure to smooth for a plot).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from optclip import curvature
+    >>> loss = lambda x: jnp.sum(jnp.array([3., 1., 2.]) * x ** 2)
+    >>> nodes, weights = curvature.hessian_spectral_density(loss, jnp.ones(3), num_matvecs=3)
+    >>> round(float(weights.sum()), 3), round(float(nodes.max()), 3)
+    (1.0, 6.0)
+  """
   return spectrum.spectral_density(lambda v: hessian_vector_product(loss_fn, params, v),
                                    params, key=key, num_matvecs=num_matvecs,
                                    num_samples=num_samples)
@@ -101,8 +193,31 @@ def hessian_spectral_density(loss_fn: Callable, params, *, key=None, num_matvecs
 
 def gauss_newton_eigenpairs(outputs_fn: Callable, output_loss: Callable, params, k: int, *,
                             key=None, num_matvecs: int | None = None):
-  """The ``k`` largest eigenpairs of the Gauss-Newton matrix (see
-  `gauss_newton_vector_product`); as `hessian_eigenpairs`."""
+  """The ``k`` largest eigenpairs of the Gauss-Newton matrix G = Jᵀ∇²ℓJ.
+
+  As `hessian_eigenpairs`, on `gauss_newton_vector_product`.
+
+  Args:
+    outputs_fn: params -> outputs z.
+    output_loss: z -> scalar ℓ(z).
+    params: the point x.
+    k: how many eigenpairs.
+    key: PRNG key of the start vector (default key 0).
+    num_matvecs: Gauss-Newton-vector products (see `hessian_eigenpairs`).
+
+  Returns:
+    ``(eigenvalues (k,), eigenvectors)``, descending.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from optclip import curvature
+    >>> outputs = lambda x: jnp.array([2. * x[0], x[1]])
+    >>> loss = lambda z: 0.5 * jnp.sum(z ** 2)
+    >>> values, _ = curvature.gauss_newton_eigenpairs(outputs, loss, jnp.ones(2), 1,
+    ...                                              num_matvecs=2)
+    >>> round(float(values[0]), 3)
+    4.0
+  """
   return spectrum.eigenpairs(
       lambda v: gauss_newton_vector_product(outputs_fn, output_loss, params, v), params, k,
       key=key, num_matvecs=num_matvecs)
@@ -110,7 +225,30 @@ def gauss_newton_eigenpairs(outputs_fn: Callable, output_loss: Callable, params,
 
 def gauss_newton_trace(outputs_fn: Callable, output_loss: Callable, params, *, key=None,
                        num_matvecs: int = 60, method: str = "hutch++") -> TraceEstimate:
-  """tr G of the Gauss-Newton matrix; as `hessian_trace`."""
+  """tr G of the Gauss-Newton matrix G = Jᵀ∇²ℓJ, with its standard error.
+
+  As `hessian_trace`, on `gauss_newton_vector_product`.
+
+  Args:
+    outputs_fn: params -> outputs z.
+    output_loss: z -> scalar ℓ(z).
+    params: the point x.
+    key: PRNG key of the probes (default key 0).
+    num_matvecs: products in all (see `hessian_trace`).
+    method: "hutch++", "xtrace" or "hutchinson".
+
+  Returns:
+    A `TraceEstimate`.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from optclip import curvature
+    >>> outputs = lambda x: jnp.array([2. * x[0], x[1]])
+    >>> loss = lambda z: 0.5 * jnp.sum(z ** 2)
+    >>> round(float(curvature.gauss_newton_trace(outputs, loss, jnp.ones(2),
+    ...                                          num_matvecs=4).trace), 3)
+    5.0
+  """
   return spectrum.trace(
       lambda v: gauss_newton_vector_product(outputs_fn, output_loss, params, v), params,
       key=key, num_matvecs=num_matvecs, method=method)
@@ -118,7 +256,31 @@ def gauss_newton_trace(outputs_fn: Callable, output_loss: Callable, params, *, k
 
 def gauss_newton_spectral_density(outputs_fn: Callable, output_loss: Callable, params, *,
                                   key=None, num_matvecs: int = 30, num_samples: int = 8):
-  """(nodes, weights) of the Gauss-Newton matrix's density; as `hessian_spectral_density`."""
+  """(nodes, weights) of the Gauss-Newton matrix's eigenvalue density (SLQ).
+
+  As `hessian_spectral_density`, on `gauss_newton_vector_product`.
+
+  Args:
+    outputs_fn: params -> outputs z.
+    output_loss: z -> scalar ℓ(z).
+    params: the point x.
+    key: PRNG key of the start vectors (default key 0).
+    num_matvecs: Lanczos steps per sample.
+    num_samples: start vectors averaged over.
+
+  Returns:
+    ``(nodes, weights)``; the weights sum to 1.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from optclip import curvature
+    >>> outputs = lambda x: jnp.array([2. * x[0], x[1]])
+    >>> loss = lambda z: 0.5 * jnp.sum(z ** 2)
+    >>> nodes, weights = curvature.gauss_newton_spectral_density(outputs, loss, jnp.ones(2),
+    ...                                                          num_matvecs=2)
+    >>> round(float(nodes.max()), 3)
+    4.0
+  """
   return spectrum.spectral_density(
       lambda v: gauss_newton_vector_product(outputs_fn, output_loss, params, v), params,
       key=key, num_matvecs=num_matvecs, num_samples=num_samples)
@@ -160,9 +322,25 @@ def gauss_newton_spectral_norm(per_example_grads_fn: Callable, params, batch, *,
 
 
 def gauss_newton_coordinate_removal(rows, remove_ratio: float = 4.0) -> GaussNewtonSmoothness:
-  """`gauss_newton_spectral_norm` from the rows gᵢ themselves (a pytree with a leading axis
-  B, as ``per_example_grads_fn`` returns them), so that several removal ratios share one
-  computation of them."""
+  """`gauss_newton_spectral_norm` from the rows gᵢ themselves, so that several removal
+  ratios share one computation of them.
+
+  Args:
+    rows: the gᵢ, a pytree with a leading axis B on every leaf (as
+      ``per_example_grads_fn`` of `gauss_newton_spectral_norm` returns them).
+    remove_ratio: coordinates whose row norm is at least this × the mean are removed.
+
+  Returns:
+    `GaussNewtonSmoothness`.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from optclip import curvature
+    >>> rows = {"w": jnp.array([[10., 1., 1., 1.], [0., 1., 1., 1.]])}  # G = AᵀA
+    >>> result = curvature.gauss_newton_coordinate_removal(rows, remove_ratio=2.0)
+    >>> float(result.fraction_removed), round(float(result.reduced_spectral_norm), 3)
+    (0.25, 6.0)
+  """
   leaves, treedef = jax.tree.flatten(rows)
 
   def gram(mask_leaves):
@@ -198,6 +376,9 @@ def top_hessian_eigenvalue(loss_fn: Callable, params, *, iters: int = 30,
     iters: Lanczos steps, a positive integer.
     key: PRNG key for the start vector (default key 0).
 
+  Returns:
+    A scalar, the largest Ritz value (a lower bound of λ_max that converges from below).
+
   Example:
     >>> import jax.numpy as jnp
     >>> from optclip import curvature
@@ -222,6 +403,23 @@ def hessian_diagonal_hutchinson(loss_fn: Callable, params, *, key=None, samples:
 
   Unbiased; the error of coordinate i is ≈ sqrt(Σ_{j≠i} H_ij² / samples), so entries much
   smaller than their row's off-diagonal mass need many samples.
+
+  Args:
+    loss_fn: params -> scalar loss.
+    params: the point x.
+    key: PRNG key of the Rademacher probes (default key 0).
+    samples: probes, at least 2 (for the standard error).
+    batch_size: probes per Hessian-vector product call (vmapped).
+
+  Returns:
+    A `DiagonalEstimate` (``mean``, ``stderr``), each a pytree like ``params``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from optclip import curvature
+    >>> loss = lambda x: jnp.sum(jnp.array([3., 1.]) * x ** 2)   # diagonal H: exact
+    >>> curvature.hessian_diagonal_hutchinson(loss, jnp.ones(2), samples=4).mean
+    Array([6., 2.], dtype=float32)
   """
   leaves, treedef = jax.tree.flatten(params)
   key = jax.random.key(0) if key is None else key
@@ -247,6 +445,24 @@ def hessian_diagonal(loss_fn: Callable, params, *, method: str = "exact",
   ``batch_size`` at a time) — exact, O(d) HVPs, for small models (`hessian_diagonal_entries`
   gives exact entries at chosen coordinates of any model). ``method="hutchinson"``: the mean
   of `hessian_diagonal_hutchinson` (which also gives its standard error).
+
+  Args:
+    loss_fn: params -> scalar loss.
+    params: the point x.
+    method: "exact" or "hutchinson".
+    key: PRNG key of Hutchinson's probes.
+    samples: Hutchinson's probes.
+    batch_size: unit vectors (or probes) per vmapped Hessian-vector product.
+
+  Returns:
+    A pytree like ``params``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from optclip import curvature
+    >>> loss = lambda x: x[0] * x[1] + jnp.sum(jnp.array([3., 1.]) * x ** 2)
+    >>> curvature.hessian_diagonal(loss, jnp.ones(2))
+    Array([6., 2.], dtype=float32)
   """
   leaves, treedef = jax.tree.flatten(params)
   if method == "hutchinson":
@@ -333,16 +549,25 @@ def hessian_diagonal_entries(loss_fn: Callable, params, indices, *, batch_size: 
 
 
 def r_med(hessian_diag, *, per_leaf: bool = False):
-  """R_med = max_i |H_ii| / median_i |H_ii| (Jiang, Malik & Li 2023).
+  """R_med = max_i ``|H_ii|`` / median_i ``|H_ii|`` (Jiang, Malik & Li 2023).
 
   The statistic of seed 002 ("analogous to the condition number of the loss Hessian evaluated
   at the iterates"): the ratio of the largest to the median absolute diagonal entry of the
-  Hessian. The median is the ⌈n/2⌉-th largest |H_ii| (exact, via `clip_threshold`), so for an
+  Hessian. The median is the ⌈n/2⌉-th largest ``|H_ii|`` (exact, via `clip_threshold`), so for an
   even count it is the upper of the two middle values.
 
   Args:
     hessian_diag: the Hessian diagonal as a pytree (e.g. from `hessian_diagonal`).
     per_leaf: one value per leaf (per layer) instead of one over all parameters.
+
+  Returns:
+    A scalar, or with ``per_leaf`` a pytree of scalars like ``hessian_diag``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from optclip import curvature
+    >>> float(curvature.r_med({"a": jnp.array([1., 2., 8.]), "b": jnp.array([-4.])}))
+    2.0
   """
   if per_leaf:
     return jax.tree.map(lambda d: r_med(d), hessian_diag)

@@ -247,6 +247,13 @@ class GradientCorrelation(NamedTuple):
 def gradient_correlation(grad, update) -> GradientCorrelation:
   """⟨∇f, u⟩/‖u‖ and the cosine between the gradient and an update (Section 3.1).
 
+  Args:
+    grad: ∇f(x), a pytree.
+    update: u, a pytree like ``grad``.
+
+  Returns:
+    A `GradientCorrelation` (``projection``, ``cosine``), scalars.
+
   Example:
     >>> import jax.numpy as jnp, optclip
     >>> optclip.gradient_correlation(jnp.array([3., 4.]), jnp.array([-1., 0.])).projection
@@ -358,7 +365,7 @@ def sharpness_attribution(loss_fn: LossFn, params, update,
   """How much of uᵀHu comes from the largest coordinates (Sections 4.1-4.2).
 
   The quadratic form splits over coordinates, uᵀHu = Σᵢ uᵢ(Hu)ᵢ. For each fraction f, with T
-  the coordinates at or above the top-f threshold of |s| (`clip_threshold`), where s is
+  the coordinates at or above the top-f threshold of ``|s|`` (`clip_threshold`), where s is
   ``select_by`` (e.g. the gradient, for the paper's gradient-Hessian correlation) or u
   itself, this returns
 
@@ -385,12 +392,12 @@ def sharpness_attribution(loss_fn: LossFn, params, update,
 
 def coordinate_histogram(tree, bins: int | Sequence[float] = 60,
                          value_range: tuple[float, float] = (-14.0, 2.0)):
-  """Histogram of log10 |x| over all coordinates of a pytree (Figure 1), without concatenating.
+  """Histogram of log10 ``|x|`` over all coordinates of a pytree (Figure 1), without concatenating.
 
   Args:
     tree: e.g. SGD's momentum or Adam's update direction.
     bins: number of bins over ``value_range``, or explicit bin edges (in log10 units).
-    value_range: (low, high) of log10 |x|; values outside are counted in the end bins,
+    value_range: (low, high) of log10 ``|x|``; values outside are counted in the end bins,
       exact zeros are counted separately.
 
   Returns:

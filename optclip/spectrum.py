@@ -91,6 +91,17 @@ def top_eigenvalue(matvec: Callable, like, *, iters: int = 30, key=None) -> jax.
     like: a pytree of arrays (shapes, dtypes and shardings of the vectors).
     iters: Lanczos steps, a positive integer.
     key: PRNG key for the start vector (default key 0).
+
+  Returns:
+    A scalar: the largest Ritz value, which approaches λ_max from below.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from optclip import spectrum
+    >>> a = {"x": jnp.diag(jnp.array([5., 1., 3.]))}
+    >>> matvec = lambda v: {"x": a["x"] @ v["x"]}
+    >>> round(float(spectrum.top_eigenvalue(matvec, {"x": jnp.zeros(3)}, iters=3)), 3)
+    5.0
   """
   iters = min(_positive_int(iters, "iters"), _size(like))
   key = jax.random.key(0) if key is None else key
@@ -144,9 +155,27 @@ def eigenpairs(matvec: Callable, like, k: int, *, key=None, num_matvecs: int | N
   `matfree.eig.eigh_partial`) from a Gaussian start, ``num_matvecs`` products (default
   max(2k + 20, 30), at most the dimension): the extreme Ritz pairs converge first.
 
+  Args:
+    matvec: ``v -> A v`` on pytrees like ``like``.
+    like: a pytree of unsharded arrays (the shapes and dtypes of the vectors).
+    k: how many pairs, 1 <= k <= the dimension.
+    key: PRNG key of the start vector (default key 0).
+    num_matvecs: products, at least k.
+
   Returns:
     ``(eigenvalues (k,), eigenvectors)``, the latter a pytree like ``like`` with a leading
     axis of size k.
+
+  Raises:
+    ValueError: for k or num_matvecs out of range, or sharded arrays in ``like``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from optclip import spectrum
+    >>> a = jnp.diag(jnp.array([5., 1., 3.]))
+    >>> values, _ = spectrum.eigenpairs(lambda v: a @ v, jnp.zeros(3), 2, num_matvecs=3)
+    >>> [round(float(v), 3) for v in values]
+    [5.0, 3.0]
   """
   _unsharded(like, "eigenpairs")
   n = _size(like)
@@ -180,6 +209,28 @@ def trace(matvec: Callable, like, *, key=None, num_matvecs: int = 60,
   ``"xtrace"``: matfree's XTrace (Epperly et al. 2024), Hutch++'s exchangeable successor.
   ``"hutchinson"``: matfree's plain Monte Carlo estimator with Rademacher vectors.
   With at least the dimension of products, the trace is computed exactly.
+
+  Args:
+    matvec: ``v -> A v`` on pytrees like ``like``.
+    like: a pytree of unsharded arrays.
+    key: PRNG key of the probes (default key 0).
+    num_matvecs: products in all (at least `MINIMUM_MATVECS` of the method, else the
+      standard error could not be estimated).
+    method: "hutch++", "xtrace" or "hutchinson".
+
+  Returns:
+    A `TraceEstimate` (``trace``, ``stderr``; ``stderr`` 0 only where exact).
+
+  Raises:
+    ValueError: for an unknown method or too few products.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from optclip import spectrum
+    >>> a = jnp.diag(jnp.array([5., 1., 3.]))
+    >>> estimate = spectrum.trace(lambda v: a @ v, jnp.zeros(3), num_matvecs=3)
+    >>> float(estimate.trace), float(estimate.stderr)
+    (9.0, 0.0)
   """
   _unsharded(like, "trace")
   flat, unravel = ravel_pytree(like)
@@ -228,8 +279,24 @@ def spectral_density(matvec: Callable, like, *, key=None, num_matvecs: int = 30,
   nodes and the squared first components of its eigenvectors their weights, so that
   Σ weights · g(nodes) ≈ tr(g(A)) / n.
 
+  Args:
+    matvec: ``v -> A v`` on pytrees like ``like``.
+    like: a pytree of unsharded arrays.
+    key: PRNG key of the start vectors (default key 0).
+    num_matvecs: Lanczos steps per sample (at most the dimension).
+    num_samples: start vectors.
+
   Returns:
     ``(nodes, weights)``, both of shape (num_samples · num_matvecs,), weights summing to 1.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from optclip import spectrum
+    >>> a = jnp.diag(jnp.array([5., 1., 3.]))
+    >>> nodes, weights = spectrum.spectral_density(lambda v: a @ v, jnp.zeros(3),
+    ...                                            num_matvecs=3, num_samples=2)
+    >>> sorted({round(float(x), 3) for x in nodes})  # n steps: the exact eigenvalues
+    [1.0, 3.0, 5.0]
   """
   _unsharded(like, "spectral_density")
   flat, unravel = ravel_pytree(like)
