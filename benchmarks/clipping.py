@@ -32,13 +32,13 @@ def _compiled(update, *args, clip_statistics: bool = True):
   statistics pass is traced as "keep the previous state" (the clipped step as it was before
   the statistics existed), to measure what they cost."""
   from optclip import clipping
-  saved = clipping._clip_statistics
+  saved = clipping._clip_statistics_compiled
   if not clip_statistics:
-    clipping._clip_statistics = lambda tree, threshold, like, per_leaf: like
+    clipping._clip_statistics_compiled = lambda tree, threshold, like, per_leaf: like
   try:
     return jax.jit(update).lower(*args).compile()
   finally:
-    clipping._clip_statistics = saved
+    clipping._clip_statistics_compiled = saved
 
 
 def main(argv=None):
