@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from experiments.errors import UsageError
+from experiments.errors import RunError, UsageError
 
 
 def _parser():
@@ -40,6 +40,9 @@ def _parser():
     p.add_argument("--mesh", default=None,
                    help="device mesh such as data=2,fsdp=4 (parameters FSDP-sharded, batches "
                         "along data)")
+    p.add_argument("--tensorboard", default=None, metavar="DIR",
+                   help="also write TensorBoard event files to DIR (training loss per step, "
+                        "clip statistics, every probe record; needs the tensorboard extra)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    dest="overrides",
                    help="override a preset field (dotted for a task's: translation.batch_size"
@@ -62,6 +65,9 @@ def _parser():
                     help="the device's peak (default 989, an H100's dense bf16)")
   plan.add_argument("--utilization", type=float, default=0.3,
                     help="the fraction of the peak assumed reached (default 0.3)")
+  plan.add_argument("--device", action="append", default=[], metavar="NAME",
+                    help="compare with a device's usable memory and find the largest "
+                         "micro-batch that fits it (repeatable; e.g. a100-80gb, a100-40gb)")
   return parser
 
 
@@ -84,6 +90,9 @@ def main(argv=None, *, after_checkpoint=None) -> int:
   except UsageError as error:
     print(f"error: {error}", file=sys.stderr)
     return 2
+  except RunError as error:
+    print(f"error: {error}", file=sys.stderr)
+    return 1
 
 
 def _plan(args, argv) -> int:
@@ -114,15 +123,33 @@ def _plan(args, argv) -> int:
     except ValueError as error:
       raise UsageError(f"--mesh: {error}") from error
   from experiments import plan
+  unknown = [d for d in args.device if d not in plan.DEVICES]
+  if unknown:
+    raise UsageError(f"--device {unknown[0]!r} is unknown; known: {sorted(plan.DEVICES)}")
   seeds = args.seeds or len(preset.seeds)
   print(f"# plan: preset {preset.name}" + (f", overrides {applied}" if applied else "")
         + f", {seeds} seed(s), mesh {args.mesh or 'none (one device)'}\n")
   import jax
+  usable = min((plan.usable_bytes(d) for d in args.device), default=None)
   context = jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
   with context:
-    rows = plan.plan(preset, seeds, mesh)
-  print(plan.table(rows, args.peak_tflops, args.utilization, 1 if mesh is None else mesh.size))
-  print("\n" + plan.__doc__.split("\n\n")[-1].strip())
+    rows = plan.plan(preset, seeds, mesh, usable)
+    print(plan.table(rows, args.peak_tflops, args.utilization,
+                     1 if mesh is None else mesh.size, args.device))
+    print("\n" + plan.programs_table(rows))
+    for device in args.device:
+      print(f"\nLargest micro-batch that fits {device} ({plan.DEVICES[device]} GiB, "
+            f"{plan.usable_bytes(device) / plan.GIB:.1f} GiB usable):")
+      for name, kind in (("translation", "transformer"), ("code", "transformer"),
+                         ("classification", "training")):
+        size, peak = plan.largest_microbatch(preset, name, kind, plan.usable_bytes(device),
+                                             mesh)
+        print(f"- {name}: " + (f"--set {name}.microbatch_size={size} (peak "
+                               f"{peak / plan.GIB:.1f} GiB)" if size else
+                               f"none (at 1 example the peak is {peak / plan.GIB:.1f} GiB)"))
+  print("\nPeaks are XLA's memory analysis of the run's own compiled programs at full size "
+        "(arguments + outputs + temporaries - donated aliases), plus what stays resident "
+        "between them; see experiments/plan.py.")
   return 0
 
 
@@ -191,6 +218,10 @@ def _run(args, after_checkpoint) -> int:
     except ValueError as error:
       raise UsageError(f"--mesh: {error}") from error
   checkpoints = _checkpoints(args.checkpoint)
+  live = None
+  if args.tensorboard:
+    from experiments.artifacts.live import TensorBoard
+    live = TensorBoard(args.tensorboard)
   experiments = ([e for e in registry.EXPERIMENTS if e.in_reproduce]
                  if args.command == "reproduce" else [registry.BY_NAME[args.command]])
   needed = list(dict.fromkeys(t for e in experiments for t in e.tasks))
@@ -202,11 +233,11 @@ def _run(args, after_checkpoint) -> int:
     raise UsageError(f"--resume: {out} was run with preset {previous.get('preset')!r}, "
                      f"not {preset.name!r}")
   ctx = Context(preset, seeds, out, None, args.data_dir, args.cache_dir or
-                default_cache_dir(), mesh, checkpoints, after_checkpoint)
+                default_cache_dir(), mesh, checkpoints, after_checkpoint, live=live)
   built = [ctx.task(name, seeds[0]) for name in needed]  # data, sizes, checkpoints, models
   preflight.check_disk(out, preflight.checkpoint_bytes(built))
   run_folder.prepare(out, args.resume)
-  ctx.metrics = Metrics(out)
+  ctx.metrics = Metrics(out, ctx.live)
   run_folder.write_config(out, {"command": args.command, "preset": preset.name,
                                 "overrides": applied, "seeds": list(seeds), "mesh": args.mesh,
                                 "checkpoints": {name: {"folder": folder,
@@ -216,11 +247,15 @@ def _run(args, after_checkpoint) -> int:
                                 "preset_values": dataclasses.asdict(preset),
                                 "environment": run_folder.environment()})
   start = time.time()
-  for experiment in experiments:
-    began = time.time()
-    experiment.run(ctx)
-    run_folder.write_config(out, {"data": ctx.data_info})
-    print(f"[{experiment.name}] done in {time.time() - began:.0f} s", flush=True)
+  try:
+    for experiment in experiments:
+      began = time.time()
+      experiment.run(ctx)
+      run_folder.write_config(out, {"data": ctx.data_info})
+      print(f"[{experiment.name}] done in {time.time() - began:.0f} s", flush=True)
+  finally:
+    if live is not None:
+      live.close()
   elapsed = round(time.time() - start + previous.get("wall_time_s", 0.0), 1)
   run_folder.write_config(out, {"wall_time_s": elapsed})
   report.build(out)

@@ -15,6 +15,8 @@ import os
 import shutil
 import sys
 
+from experiments.errors import RunError
+
 KEEP = 2  # steps kept per unit
 SET_ASIDE = "set-aside"  # see `set_aside`
 
@@ -35,9 +37,38 @@ def save(out: str, unit: str, step: int, state) -> None:
   os.makedirs(directory, exist_ok=True)
   path = os.path.join(directory, str(step))
   if not os.path.exists(path):
-    _write(path, state)
+    try:
+      _write(path, state)
+    except Exception as error:  # noqa: BLE001 - a full disk reaches us wrapped by orbax
+      _remove_partial(directory, str(step))
+      previous = _steps(directory)
+      kept = (f"the previous checkpoint {os.path.join(directory, str(previous[-1]))} is "
+              "intact" if previous else "there was no earlier checkpoint of this unit")
+      raise RunError(f"could not write checkpoint {path} ({_reason(error)}); {kept}, and "
+                     "--resume continues from it once there is room") from error
   for old in _steps(directory)[:-KEEP]:
     shutil.rmtree(os.path.join(directory, str(old)), ignore_errors=True)
+
+
+def _reason(error: BaseException) -> str:
+  """The root cause's one-line message (orbax wraps the OSError of a full disk)."""
+  while error.__cause__ is not None or error.__context__ is not None:
+    if isinstance(error, OSError):
+      break
+    error = error.__cause__ or error.__context__
+  text = (str(error).strip().splitlines() or [type(error).__name__])[0]
+  full = str(error) + "".join(str(e) for e in (error.__cause__, error.__context__) if e)
+  if "No space left on device" in full or "os_error_code='28'" in full:
+    return f"No space left on device; {type(error).__name__}: {text[:160]}"
+  return f"{type(error).__name__}: {text[:200]}"
+
+
+def _remove_partial(directory: str, step: str) -> None:
+  """What a failed save of ``step`` left: orbax's temporary folders of it, and the step's
+  own folder if it is incomplete (never another step's)."""
+  for name in os.listdir(directory):
+    if name == step or (name.startswith(step + ".") and "orbax-checkpoint-tmp" in name):
+      shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
 
 
 def discard(out: str, unit: str) -> None:

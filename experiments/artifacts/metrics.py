@@ -19,8 +19,10 @@ class Metrics:
   """Append-only metrics.jsonl; a record whose key is already there is not written twice
   (so a resumed run does not duplicate what it measured before it was killed)."""
 
-  def __init__(self, out: str):
+  def __init__(self, out: str, live=None):
     self.path = os.path.join(out, "metrics.jsonl")
+    self.live = live  # an `experiments.artifacts.live.TensorBoard`, or None
+    set_aside_cut_line(self.path)
     self.records = read_metrics(out)
     self.keys = {r["key"] for r in self.records}
 
@@ -41,7 +43,33 @@ class Metrics:
     record = as_written(record)
     self.records.append(record)
     self.keys.add(key)
+    if self.live is not None:
+      self.live.record(record)
     return record
+
+
+CUT = ".cut"  # metrics.jsonl.cut: the fragments of lines cut short, kept for inspection
+
+
+def set_aside_cut_line(path: str) -> None:
+  """A file that does not end in a newline ends in a line cut short (a kill or a full disk
+  mid-write): the fragment moves to ``metrics.jsonl.cut`` and the file ends at its last
+  whole line, so that the next record starts a line of its own instead of being glued to
+  the fragment (and lost with it). Its measurement is redone on resume."""
+  if not os.path.exists(path):
+    return
+  with open(path, "rb+") as f:
+    data = f.read()
+    if not data or data.endswith(b"\n"):
+      return
+    keep = data.rfind(b"\n") + 1
+    with open(path + CUT, "ab") as side:
+      side.write(data[keep:] + b"\n")
+      side.flush()
+      os.fsync(side.fileno())
+    f.truncate(keep)
+    f.flush()
+    os.fsync(f.fileno())
 
 
 NON_FINITE = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}

@@ -189,7 +189,10 @@ def run(ctx, task, trajectory: str, seed: int, *, kind: str = "transformer",
     loop.run_epochs(step, state, lambda epoch: task.epoch_batches(seed, epoch), epochs,
                     steps_per_epoch=task.batches_per_epoch, place_batch=place_batch,
                     checkpointing=ctx.checkpointing(unit, probe_epochs),
-                    on_epoch_end=on_epoch_end, description=f"{task.name} {trajectory} seed {seed}")
+                    on_epoch_end=on_epoch_end,
+                    on_losses=None if ctx.live is None else functools.partial(ctx.live.losses,
+                                                                              unit),
+                    description=f"{task.name} {trajectory} seed {seed}")
   metrics.log(EXPERIMENT, f"{unit}/done", **fields)
   checkpoints.discard(ctx.out, unit)
 

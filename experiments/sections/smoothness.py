@@ -133,6 +133,9 @@ def _run_seed(ctx, seed, place, place_batch) -> None:
   loop.run_epochs(step, state, lambda epoch: task.epoch_batches(seed, epoch),
                   preset.smoothness_epochs, steps_per_epoch=task.batches_per_epoch,
                   place_batch=place_batch, on_epoch_start=on_epoch_start,
+                  on_losses=None if ctx.live is None else (
+                      lambda first, losses: ctx.live.losses(f"smoothness/seed{seed}", first,
+                                                            losses)),
                   description=f"smoothness seed {seed}")
   ctx.metrics.log(NAME, f"smoothness/seed{seed}/done", seed=seed)
 

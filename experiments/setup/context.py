@@ -27,6 +27,8 @@ class Context:
   # Built tasks by (name, seed, task preset): preflight builds the first seed's, the
   # experiments reuse them.
   built: dict = dataclasses.field(default_factory=dict)
+  # ``--tensorboard DIR``: an `experiments.artifacts.live.TensorBoard`, or None.
+  live: Any = None
 
   def task(self, name: str, seed: int):
     key = (name, seed, getattr(self.preset, name), self.preset.probe_batch)

@@ -160,11 +160,13 @@ def run_epochs(step: Callable, state: TrainState, epoch_batches: Callable[[int],
                epochs: int, *, steps_per_epoch: int, place_batch=lambda batch: batch,
                checkpointing: Checkpointing | None = None,
                on_epoch_start: Callable | None = None, on_epoch_end: Callable | None = None,
-               description: str = "") -> TrainState:
+               on_losses: Callable | None = None, description: str = "") -> TrainState:
   """Trains ``epochs`` epochs of ``epoch_batches(epoch)`` with ``step`` (any further
   outputs of a step after ``(state, loss)`` are dropped).
 
   ``on_epoch_start(epoch, state)`` runs before epoch ``epoch`` (0-based);
+  ``on_losses(first_step, losses)`` gets an epoch's per-step losses once it is over (the
+  live view: reading them step by step would make every step wait for the device);
   ``on_epoch_end(epoch, state, mean_loss)`` after it (``epoch`` counts the epochs done) and
   before its checkpoint; if it returns a state, training goes on from that one (equal in
   value: the callback may have moved buffers). With ``checkpointing`` a run resumes after
@@ -182,8 +184,11 @@ def run_epochs(step: Callable, state: TrainState, epoch_batches: Callable[[int],
       state, loss = step(state, batch)[:2]
       losses.append(loss)
       bar.update()
-    mean_loss = float(np.mean(jax.device_get(losses)))
+    losses = jax.device_get(losses)
+    mean_loss = float(np.mean(losses))
     bar.set_postfix(loss=f"{mean_loss:.4f}")
+    if on_losses is not None:
+      on_losses(epoch * steps_per_epoch, losses)
     if on_epoch_end is not None:
       state = on_epoch_end(epoch + 1, state, mean_loss) or state
     if checkpointing is not None and epoch + 1 in checkpointing.epochs:
