@@ -121,13 +121,17 @@ class FollowState(NamedTuple):
 
 
 def following(probes: Mapping[str, optax.GradientTransformation], name: str,
-              learning_rate: float) -> PseudoUpdateTransformation:
+              learning_rate: float, *, static: bool = False) -> PseudoUpdateTransformation:
   """Trains along probe ``name``: its update times ``learning_rate`` is applied.
 
   The probes should have unit learning rates, so that ``learning_rate`` is the trajectory's
   (``following({"sgd": optclip.sgd(1.0), ...}, "sgd", 0.1)`` trains like
   ``optclip.sgd(0.1)``). The name's index and the rate live in the state: one compiled step
-  serves every trajectory and rate.
+  serves every trajectory and rate, choosing the followed update with a sum of selects over
+  every probe's. With ``static=True`` the name is fixed when the step is traced instead:
+  the other probes' updates are then never formed (only their states advance), which
+  saves their memory at the cost of one compiled step per followed probe. The state is
+  the same either way.
 
   Example:
     >>> import jax.numpy as jnp, optclip
@@ -146,9 +150,12 @@ def following(probes: Mapping[str, optax.GradientTransformation], name: str,
                        jnp.asarray(learning_rate, jnp.float32))
 
   def train_update(grads, state, params, probe_updates):
-    chosen = jax.tree.map(
-        lambda *leaves: sum(jnp.where(state.index == k, leaf, jnp.zeros_like(leaf))
-                            for k, leaf in enumerate(leaves)), *probe_updates)
+    if static:
+      chosen = probe_updates[names.index(name)]
+    else:
+      chosen = jax.tree.map(
+          lambda *leaves: sum(jnp.where(state.index == k, leaf, jnp.zeros_like(leaf))
+                              for k, leaf in enumerate(leaves)), *probe_updates)
     updates = jax.tree.map(lambda u: (state.learning_rate * u).astype(u.dtype), chosen)
     return updates, state
 

@@ -232,3 +232,21 @@ def test_hutchinson_diagonal_reports_its_standard_error():
   np.testing.assert_allclose(stderr, np.sqrt(np.sum(off ** 2, axis=1) / 400), rtol=0.3,
                              atol=1e-7)
   assert np.mean(np.abs(mean - np.diag(hessian)) <= 3 * stderr + 1e-7) > 0.95
+
+
+def test_a_static_follow_trains_like_the_selecting_one():
+  """following(..., static=True) fixes the followed probe when traced: the same updates and
+  states, bit for bit, as the step that selects it from every probe's update."""
+  grads, params = _grads_and_params(seed=3)
+  optimizers = {"sgd": optclip.sgd(1.0, momentum=0.9, dampening=0.9),
+                "adam": optclip.adam(1.0, clip=0.5), "lion": optclip.lion(1.0)}
+  for name in optimizers:
+    selecting = probes.following(optimizers, name, 0.01)
+    static = probes.following(optimizers, name, 0.01, static=True)
+    a, b = selecting.init(params[0]), static.init(params[0])
+    chex.assert_trees_all_equal(a, b)
+    for g, p in zip(grads, params):
+      ua, a = jax.jit(selecting.update)(g, a, p)
+      ub, b = jax.jit(static.update)(g, b, p)
+      chex.assert_trees_all_equal(ua, ub)
+      chex.assert_trees_all_equal(a, b)

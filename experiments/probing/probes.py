@@ -51,6 +51,7 @@ def probe_optimizers(kind: str = "transformer") -> dict:
   return {v.label: make(v) for v in PROBES[kind]}
 
 
-def train_transform(trajectory: str, learning_rate: float, kind: str):
-  """Training along the ``trajectory`` probe at ``learning_rate``, every probe following."""
-  return probes.following(probe_optimizers(kind), trajectory, learning_rate)
+def train_transform(trajectory: str, learning_rate: float, kind: str, *, static=False):
+  """Training along the ``trajectory`` probe at ``learning_rate``, every probe following
+  (``static``: see `optclip.probes.following`)."""
+  return probes.following(probe_optimizers(kind), trajectory, learning_rate, static=static)

@@ -30,21 +30,29 @@ EXPERIMENT = "trajectory"
 TRANSFORMER_TASKS = ("translation", "code")
 
 
-def steps(task, kind: str, preset, mesh=None) -> tuple:
+def steps(task, kind: str, preset, mesh=None, trajectory: str = TRAJECTORIES[0]) -> tuple:
   """(train step, directions): the jitted training step of every trajectory, rate and seed
-  of a task (they differ only in the state), and ``directions(state, batch) ->
-  (probe updates, clip statistics)``, every probe's update of the next step from ``state``
-  (not taken) and what the clipped probes' clips did in it. Cached on what they read."""
+  of a task (they differ only in the state; with ``preset.static_follow`` one step per
+  ``trajectory``), and ``directions(state, batch) -> (probe updates, clip statistics)``,
+  every probe's update of the next step from ``state`` (not taken) and what the clipped
+  probes' clips did in it. Cached on what they read."""
   return _steps(task.model, kind, preset.fused_probe_step, task.preset.microbatch_size,
-                task.preset.remat, mesh)
+                task.preset.remat, mesh, trajectory if preset.static_follow else None)
 
 
 @functools.lru_cache(maxsize=None)
-def _steps(model, kind, fused: bool, microbatch_size: int, remat: str, mesh):
-  tx = train_transform(TRAJECTORIES[0], 1.0, kind)
-  objective = loop.model_objective(model, mesh, "train", microbatch_size, remat)
-  read_state = functools.partial(_clip_statistics, names=tuple(tx.probes))
+def _steps(model, kind, fused: bool, microbatch_size: int, remat: str, mesh,
+           static_trajectory: str | None = None):
+  if static_trajectory is None:
+    tx = train_transform(TRAJECTORIES[0], 1.0, kind)
+  else:
+    tx = train_transform(static_trajectory, 1.0, kind, static=True)
   state_loss = loop.model_state_loss(model, mesh)
+  # A model with batch statistics (the ResNet's BatchNorm) trains on the whole batch: its
+  # training loss is not a sum over examples. Its probes (evaluation mode) micro-batch.
+  objective = loop.model_objective(model, mesh, "train",
+                                   0 if state_loss is not None else microbatch_size, remat)
+  read_state = functools.partial(_clip_statistics, names=tuple(tx.probes))
   if fused:
     # One program for training and probe points (the quick presets, where the 20 stacked
     # updates every step returns are small): the directions are the outputs of a step taken
@@ -143,7 +151,7 @@ def run(ctx, task, trajectory: str, seed: int, *, kind: str = "transformer",
   fields = dict(kind=kind, task=task.name, trajectory=trajectory, seed=seed,
                 **({"model": model_name} if model_name else {}))
   with context:
-    step, directions = steps(task, kind, preset, ctx.mesh)
+    step, directions = steps(task, kind, preset, ctx.mesh, trajectory)
     programs = _programs(task, kind, preset, ctx.mesh)
     tx = train_transform(trajectory, learning_rate, kind)
     names = list(tx.probes)
