@@ -333,8 +333,17 @@ def landscape(loss_fn: LossFn, params, directions, step_sizes, *,
   return losses if batched else losses[0]
 
 
-def attribution_terms(update, hvp, fractions: Sequence[float], *, select_by=None):
+def attribution_terms(update, hvp, fractions: Sequence[float], *, select_by=None,
+                      thresholds=None):
   """The parts of `sharpness_attribution` that need no second derivatives, given Hu.
+
+  Args:
+    update: u.
+    hvp: Hu.
+    fractions: the top fractions f.
+    select_by: the tree whose magnitudes pick the top coordinates (default u).
+    thresholds: u's own top-f thresholds, one per fraction, where the caller has them
+      (each is an exact selection over every coordinate: worth computing once).
 
   Returns:
     ``(share, norm_share, modified)``: arrays of shape (F,) and the 2F modified directions
@@ -345,9 +354,10 @@ def attribution_terms(update, hvp, fractions: Sequence[float], *, select_by=None
   total = tree_dot(update, hvp)
   norm_sq = tree_dot(update, update)
   shares, norm_shares, without, clipped = [], [], [], []
-  for fraction in fractions:
-    tau = clip_threshold(update, fraction)
-    tau_select = clip_threshold(select_by, fraction)
+  if thresholds is None:
+    thresholds = [clip_threshold(update, fraction) for fraction in fractions]
+  for fraction, tau in zip(fractions, thresholds):
+    tau_select = tau if select_by is update else clip_threshold(select_by, fraction)
     top = jax.tree.map(lambda s: jnp.abs(s) >= tau_select, select_by)
     without.append(jax.tree.map(lambda u, t: jnp.where(t, 0, u), update, top))
     clipped.append(jax.tree.map(lambda u: jnp.clip(u, -tau, tau), update))

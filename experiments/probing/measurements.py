@@ -154,10 +154,11 @@ def make_programs(loss_fn, names, steps, lanczos_iterations, *, landscape_batch:
     modified directions (u without its top by |u|, u clipped, u without its top by |g|;
     then zero directions up to ``width``) come back for `second_derivatives`."""
     product = hvp(params, sgd_update, test_batch)
-    share, norm_share, modified = geometry.attribution_terms(sgd_update, product,
-                                                             ATTRIBUTION_FRACTIONS)
+    taus = [optclip.clip_threshold(sgd_update, f) for f in ATTRIBUTION_FRACTIONS]
+    share, norm_share, modified = geometry.attribution_terms(
+        sgd_update, product, ATTRIBUTION_FRACTIONS, thresholds=taus)
     share_g, norm_share_g, modified_g = geometry.attribution_terms(
-        sgd_update, product, ATTRIBUTION_FRACTIONS, select_by=test_grads)
+        sgd_update, product, ATTRIBUTION_FRACTIONS, select_by=test_grads, thresholds=taus)
     count = len(ATTRIBUTION_FRACTIONS)
     # Padded here to `width` with zero directions, so that no padded copy is made later.
     modified = jax.tree.map(lambda a, b: jnp.concatenate(
