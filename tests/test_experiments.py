@@ -202,6 +202,13 @@ def test_probe_step_reads_every_probe_update_without_taking_the_step(tmp_path):
   assert all(leaf.is_deleted() for leaf in jax.tree.leaves(state.opt_state))
   chex.assert_trees_all_equal(bring_back(), kept)
   assert os.listdir(checkpoints.checkpoint_dir(out, "unit")) == ["1.unreadable"]
+  # Into pinned host memory (what an accelerator uses; the CPU has the memory kind too).
+  state = jax.tree.map(jax.numpy.asarray, kept)
+  bring_back = checkpoints.set_aside(out, "unit", state, to="host")
+  assert all(leaf.is_deleted() for leaf in jax.tree.leaves(state))
+  back = bring_back()
+  chex.assert_trees_all_equal(back, kept)
+  assert {leaf.sharding.memory_kind for leaf in jax.tree.leaves(back)} == {"device"}
 
 
 def _assert_same_metrics(out, reference_records, kind):

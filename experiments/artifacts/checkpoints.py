@@ -81,15 +81,32 @@ def discard(out: str, unit: str) -> None:
     os.rmdir(directory)  # only if nothing is left in it
 
 
-def set_aside(out: str, unit: str, tree):
-  """Writes ``tree`` to checkpoints/<unit>/set-aside and frees its buffers; returns a
-  function that reads it back (same shapes and shardings) and removes the folder.
+def set_aside(out: str, unit: str, tree, *, to: str = "auto"):
+  """Moves ``tree`` off the device and frees its buffers there; returns a function that
+  brings it back (same values, shapes and shardings).
 
   Frees the memory of a tree not needed for a while (a probe point reads the parameters,
-  not the optimizer states). A leftover folder (a kill in between) is removed by
-  `restore_latest`.
+  not the optimizer states). ``to="host"``: into the host's pinned memory (the
+  ``pinned_host`` memory kind, a fast copy each way); ``to="disk"``: written to
+  checkpoints/<unit>/set-aside and read back (a leftover folder, from a kill in between,
+  is removed by `restore_latest`); ``"auto"``: the host where an accelerator offers pinned
+  host memory, else the disk (on a CPU the host memory is the device's own).
   """
   import jax
+  if to == "auto":
+    device = jax.local_devices()[0]
+    kinds = {memory.kind for memory in device.addressable_memories()}
+    to = "host" if device.platform != "cpu" and "pinned_host" in kinds else "disk"
+  if to == "host":
+    shardings = jax.tree.map(lambda leaf: leaf.sharding, tree)
+    moved = jax.device_put(tree, jax.tree.map(
+        lambda sharding: sharding.with_memory_kind("pinned_host"), shardings))
+    jax.block_until_ready(moved)
+    for leaf in jax.tree.leaves(tree):
+      leaf.delete()
+    return lambda: jax.device_put(moved, shardings)
+  if to != "disk":
+    raise ValueError(f"set_aside: to must be 'auto', 'host' or 'disk', got {to!r}")
   like = _abstract(tree)
   path = os.path.join(checkpoint_dir(out, unit), SET_ASIDE)
   shutil.rmtree(path, ignore_errors=True)
