@@ -30,7 +30,8 @@ class TaskPreset:
   # code); 0.15 replaces that share of input tokens by <mask> once (Appendix B.1's text).
   mask_probability: float = 0.0
   # Examples per micro-batch in every program (0: the whole batch in one pass; exact either
-  # way, optclip.microbatch), and the rematerialisation policy of the reverse-mode programs
+  # way, optclip.microbatch; a model with batch statistics, the ResNet, micro-batches only
+  # its evaluation-mode probes), and the rematerialisation policy of the reverse-mode programs
   # per transformer block ("" none, "nothing", "dots"; optclip.models.layers.REMAT_POLICIES).
   microbatch_size: int = 0
   remat: str = ""
@@ -76,6 +77,10 @@ class Preset:
   # training and the probe points (saves a compile per task where the 20 stacked updates
   # are small; at the paper's sizes they would crowd the step out).
   fused_probe_step: bool = False
+  # Compile the train step once per followed probe (optclip.probes.following's static):
+  # the other probes' updates are never formed, only their states advance. Off, one step
+  # serves both trajectories and selects the followed update from all of them.
+  static_follow: bool = False
   # Probe measurements not to take (names in experiments.probing.measurements), e.g.
   # ("block_sharpness",); the report marks what they feed as not run.
   skip_measurements: tuple = ()
@@ -143,15 +148,21 @@ QUICK = Preset(
 
 PAPER = Preset(
     name="paper", seeds=(0, 1, 2),
+    # Micro-batch sizes and remat chosen with `python -m experiments plan --preset paper
+    # --device a100-80gb` (README, "Paper scale"): every program within one 80 GB device.
     translation=TaskPreset("t5-small", train_size=10240, batch_size=1024, test_size=1024,
-                           max_length=128, vocab_size=32128, source="paper"),
+                           max_length=128, vocab_size=32128, source="paper",
+                           microbatch_size=32, remat="dots"),
     code=TaskPreset("gpt-neo-125M", train_size=10000, batch_size=1000, test_size=1024,
-                    max_length=256, vocab_size=50257, source="paper"),
+                    max_length=256, vocab_size=50257, source="paper", microbatch_size=8,
+                    remat="dots"),
     classification=TaskPreset("bert-base", train_size=25000, batch_size=25, test_size=25,
-                              max_length=512, vocab_size=30522, source="paper"),
+                              max_length=512, vocab_size=30522, source="paper",
+                              microbatch_size=5, remat="dots"),
     images=TaskPreset("resnet-152", train_size=50000, batch_size=1000, test_size=1024,
-                      max_length=32, source="paper"),
+                      max_length=32, source="paper", microbatch_size=8),
     epochs=20, probe_epochs=(2, 5, 10, 20), trajectory_learning_rates={"sgd": 2e-4, "adam": 2e-4},
+    static_follow=True,
     # Every exact H_ii is a second-order forward pass over the probe batch (2.7 train steps'
     # FLOPs): 8 per leaf at the last probe point is already ~1000 of them per trajectory
     # (see `python -m experiments plan`).
@@ -273,9 +284,6 @@ def problems(preset: Preset) -> dict:
       problem = check(getattr(task_preset, field), task_preset)
       if problem:
         found[f"{task}.{field}"] = problem
-  if preset.images.microbatch_size:
-    found["images.microbatch_size"] = ("expected 0: the ResNet trains on BatchNorm's batch "
-                                       "statistics, which are not a sum over examples")
   return found
 
 # Table 3 of the paper (learning rates of the convergence experiment); None = relative step.

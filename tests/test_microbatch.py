@@ -148,3 +148,15 @@ def test_a_microbatch_that_does_not_divide_is_refused_naming_the_sizes_that_do()
   with pytest.raises(ValueError, match="not a sum over examples"):
     models.make_objective(resnet, "train", microbatch_size=2)
   assert models.make_objective(resnet, "eval", microbatch_size=2).microbatch_size == 2
+
+
+def test_the_cli_refuses_a_microbatch_size_that_does_not_divide_with_exit_2(tmp_path, capsys):
+  """--set translation.microbatch_size=3 at smoke (batch and test batch of 16): exit 2
+  before anything is written, naming the field and the sizes that divide both."""
+  from experiments.__main__ import main
+  out = tmp_path / "run"
+  assert main(["sharpness", "--preset", "smoke", "--out", str(out),
+               "--set", "translation.microbatch_size=3"]) == 2
+  err = capsys.readouterr().err
+  assert "translation.microbatch_size" in err and "[1, 2, 4, 8, 16]" in err, err
+  assert not out.exists()

@@ -37,3 +37,25 @@ def test_plan_prints_a_table_for_a_preset(capsys):
   out = capsys.readouterr().out
   assert "| sharpness" in out and "| resnet (Table 9) | images |" in out and "Total:" in out
   assert main(["plan", "--preset", "smoke", "--set", "nope=1"]) == 2
+
+
+def test_the_planned_peak_is_within_25_percent_of_the_measured_one():
+  """The planner's peak of a compiled program (XLA's memory analysis: arguments + outputs +
+  temporaries - aliased) against the resident memory the call really adds on this CPU, plus
+  its arguments (already resident): the quick code task's train step at 1024 sequences
+  (about 0.55 GiB of temporaries, so that the allocator's fixed costs do not dominate)."""
+  import json
+  import os
+  import subprocess
+  import sys
+  import pytest
+  if not os.path.exists("/proc/self/clear_refs"):
+    pytest.skip("needs Linux's peak-RSS reset")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  result = subprocess.run([sys.executable, os.path.join(root, "tests", "plan", "measure_rss.py"),
+                           "1024"], capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "PYTHONPATH": root})
+  assert result.returncode == 0, result.stderr[-3000:]
+  found = json.loads(result.stdout.strip().splitlines()[-1])
+  measured = found["measured_growth"] + found["arguments"]
+  assert abs(found["peak"] - measured) <= 0.25 * measured, found
