@@ -162,15 +162,37 @@ def _initialize_distributed() -> bool:
   """Joins JAX's multi-process runtime when launched as one of several processes.
 
   Triggered by JAX_COORDINATOR_ADDRESS (set it, with JAX_NUM_PROCESSES and JAX_PROCESS_ID, on
-  GPU hosts), a multi-host TPU slice (TPU_WORKER_HOSTNAMES lists several hosts) or a SLURM
+  GPU hosts; JAX itself reads only the address), a multi-host TPU slice (TPU_WORKER_HOSTNAMES lists several hosts) or a SLURM
   job with several tasks; `jax.distributed.initialize` reads the rest from the environment.
+
+  When a process dies, the others must not wait in a collective for ever: JAX's
+  coordination service notices the missing heartbeats and stops every other process with
+  a message naming the lost one ("tasks are unhealthy (stopped sending heartbeats): 1")
+  within OPTCLIP_HEARTBEAT_SECONDS (default 100, JAX's); `--resume` on all of them then
+  continues from the last checkpoint. CPU processes (tests, laptops) talk through gloo.
   """
   multi_host_tpu = "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
   slurm = int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1
   if not (os.environ.get("JAX_COORDINATOR_ADDRESS") or multi_host_tpu or slurm):
     return False
   import jax
-  jax.distributed.initialize()
+  heartbeat = os.environ.get("OPTCLIP_HEARTBEAT_SECONDS", "100")
+  if not heartbeat.isdigit() or int(heartbeat) < 1:
+    raise UsageError(f"OPTCLIP_HEARTBEAT_SECONDS={heartbeat!r}: expected a whole number of "
+                     "seconds, at least 1")
+  # JAX reads only the coordinator's address from the environment; the process count and
+  # index of a hand-launched job (GPU hosts) come from these two.
+  counts = {}
+  for name, argument in (("JAX_NUM_PROCESSES", "num_processes"),
+                         ("JAX_PROCESS_ID", "process_id")):
+    value = os.environ.get(name)
+    if value is not None:
+      if not value.isdigit():
+        raise UsageError(f"{name}={value!r}: expected a whole number")
+      counts[argument] = int(value)
+  if os.environ.get("JAX_PLATFORMS", "") == "cpu":
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(heartbeat_timeout_seconds=int(heartbeat), **counts)
   return True
 
 

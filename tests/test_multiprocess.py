@@ -2,17 +2,20 @@
 collectives) against one: the sharded clipped-Adam step, the clipping threshold and a
 K-direction sharpness on a data=2,fsdp=4 mesh spanning both processes equal the
 single-process results (bit for bit for the threshold, 1e-6 for the rest), and an orbax
-checkpoint written by the two processes restores in one (tests/multiprocess/worker.py)."""
+checkpoint written by the two processes restores in one (tests/multiprocess/worker.py); when
+one process dies the other stops within the heartbeat timeout, naming it."""
 
 import os
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "multiprocess", "worker.py")
+DIES = os.path.join(ROOT, "tests", "multiprocess", "dies.py")
 
 
 def _free_port() -> int:
@@ -51,3 +54,27 @@ def test_two_processes_equal_one(tmp_path):
   assert len(restored) == 4
   for key in restored:
     np.testing.assert_array_equal(one[key], one["params_" + key[len("restored_"):]], key)
+
+
+def test_when_one_process_dies_the_other_stops_naming_it():
+  """Process 1 exits after the first collective; process 0, summing over both every 0.2 s,
+  is stopped by JAX's coordination service within the 5 s heartbeat timeout set through
+  OPTCLIP_HEARTBEAT_SECONDS (plus start-up), with a message naming task 1, instead of
+  waiting in the collective."""
+  port = _free_port()
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
+  env.update(PYTHONPATH=ROOT, OPTCLIP_HEARTBEAT_SECONDS="5",
+             JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2")
+  started = time.time()
+  workers = [subprocess.Popen([sys.executable, "-u", DIES], env={**env, "JAX_PROCESS_ID": str(i)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+  output = [worker.communicate(timeout=120)[0] for worker in workers]
+  assert workers[1].returncode == 3, output[1][-2000:]
+  assert workers[0].returncode != 0, output[0][-2000:]
+  assert "process 0: step 0 sums 4.0" in output[0], output[0][-2000:]
+  assert "never stopped" not in output[0]
+  assert "stopped sending heartbeats" in output[0], output[0][-2000:]
+  lost = output[0].split("stopped sending heartbeats")[1].split("\n")[1].strip()
+  assert lost == "1", output[0][-2000:]
+  assert time.time() - started < 90
