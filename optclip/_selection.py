@@ -228,38 +228,51 @@ class _Summary(NamedTuple):
   mean: jax.Array | None  # (G,) mean finite |g| in float32, only when asked for
 
 
-def _summary_pass(problem: _Problem, sizes, with_mean: bool) -> _Summary:
+def _summary_pass(problem: _Problem, sizes, with_mean: bool, pivots=None):
   """The first pass: per group, the non-finite count and the finite extremes (and the mean
-  finite |g| for first pivots without a sample)."""
+  finite |g| for first pivots without a sample). With ``pivots`` (G, P), the same pass also
+  counts the finite |g| >= each pivot (a warm start's bracket) and returns
+  ``(summary, counts)``."""
   fmt = problem.fmt
   inf_key = jnp.asarray(fmt.inf_key, fmt.key_dtype)
+  num_pivots = 0 if pivots is None else pivots.shape[1]
+  base = 4 if with_mean else 3
 
   def combine(x, y):
     out = (x[0] + y[0], jnp.maximum(x[1], y[1]), jnp.minimum(x[2], y[2]))
-    return out + ((x[3] + y[3],) if with_mean else ())
+    out += (x[3] + y[3],) if with_mean else ()
+    return out + tuple(a + b for a, b in zip(x[base:], y[base:]))
 
   init = (jnp.zeros((), jnp.int32), jnp.zeros((), fmt.key_dtype), inf_key)
   init += (jnp.zeros((), jnp.float32),) if with_mean else ()
-  counts, extremes, sums = [], [], []
-  for raw in problem.leaves:
+  init += (jnp.zeros((), jnp.int32),) * num_pivots
+  counts, extremes, sums, above = [], [], [], []
+  for raw, group in zip(problem.leaves, problem.group_of_leaf):
     key = _keys(fmt, raw)
     finite = key < inf_key
     operands = ((~finite).astype(jnp.int32), jnp.where(finite, key, 0),
                 jnp.where(finite, key, inf_key))
     if with_mean:
       operands += (jnp.where(finite, jnp.abs(raw), 0).astype(jnp.float32),)
+    operands += tuple((finite & (key >= pivots[group, p])).astype(jnp.int32)
+                      for p in range(num_pivots))
     out = _reduce_leaf(operands, init, combine, key.ndim)
     counts.append(out[0][None])
     extremes.append(jnp.stack([out[1], -out[2]]))  # both maximised: largest, -smallest
     if with_mean:
       sums.append(out[3][None])
+    if num_pivots:
+      above.append(jnp.stack(out[base:]))
   non_finite = _group_combine(counts, problem, jnp.add, 0)[:, 0]
   extremes = _group_combine(extremes, problem, jnp.maximum, -inf_key)
   mean = None
   if with_mean:
     total = _group_combine(sums, problem, jnp.add, 0.0)[:, 0]
     mean = total / jnp.maximum(sizes - non_finite, 1)
-  return _Summary(non_finite, -extremes[:, 1], extremes[:, 0], mean)
+  summary = _Summary(non_finite, -extremes[:, 1], extremes[:, 0], mean)
+  if pivots is None:
+    return summary
+  return summary, _group_combine(above, problem, jnp.add, 0)
 
 
 def _count_pass(problem: _Problem, non_finite, pivots, lo, hi):
@@ -416,8 +429,20 @@ def _next_pivots(fmt: KeyFormat, s: _SearchState, k):
   return jnp.clip(pivots, (s.lo + 1)[:, None], (s.hi - 1)[:, None])
 
 
+def _warm_pivots(fmt: KeyFormat, hint):
+  """Pivots (G, P), ascending, around last step's thresholds ``hint`` (G,): the hint's key
+  and the key after it (an unchanged τ is then settled by the first pass), and relative
+  steps of 0.2%, 1% and 5% either side (gradients drift by about that much a step)."""
+  below = jnp.asarray([0.95, 0.99, 0.998], fmt.float_dtype)
+  above = jnp.asarray([1.002, 1.01, 1.05], fmt.float_dtype)
+  key = _value_to_key(hint, fmt)
+  return jnp.concatenate([_value_to_key(hint[:, None] * below[None], fmt), key[:, None],
+                          (key + 1)[:, None], _value_to_key(hint[:, None] * above[None], fmt)],
+                         axis=1)
+
+
 def kth_largest_keys(leaves: Sequence[jax.Array], fraction, *, per_leaf: bool = False,
-                     across: Across = UNSHARDED, sample: bool = True):
+                     across: Across = UNSHARDED, sample: bool = True, hint=None):
   """Per group, the key of the k-th largest finite |g|, k = `top_count(fraction, n)`.
 
   Args:
@@ -427,6 +452,10 @@ def kth_largest_keys(leaves: Sequence[jax.Array], fraction, *, per_leaf: bool = 
     across: how partial results combine across devices (see `Across`).
     sample: seed the first pivots from a strided sample of the leaves (a gather); without
       it, from the mean |g| (what sharded leaves use).
+    hint: optional (G,) thresholds near the answer (last step's τ). The first pass then
+      also counts at pivots around them, and a hit leaves a narrow bracket; the answer is
+      the same with or without it, only the number of passes differs. A non-finite or
+      negative hint is ignored.
 
   Returns:
     ``(keys, passes)``: keys of shape (G,) in the `KeyFormat` of ``key_format`` of the
@@ -446,18 +475,49 @@ def kth_largest_keys(leaves: Sequence[jax.Array], fraction, *, per_leaf: bool = 
   problem = _Problem(list(leaves), group_of_leaf, num_groups, fmt, across)
   inf_key = jnp.asarray(fmt.inf_key, fmt.key_dtype)
 
-  summary = _summary_pass(problem, sizes, with_mean=not sample)
+  with_mean = not sample
+  if hint is None:
+    summary = _summary_pass(problem, sizes, with_mean)
+  else:
+    hint = jnp.broadcast_to(jnp.asarray(hint).astype(fmt.float_dtype), (num_groups,))
+    valid = jnp.isfinite(hint) & (hint >= 0)
+    warm_pivots = _warm_pivots(fmt, jnp.where(valid, hint, 0))
+    # A hint that cannot bracket anything (the first step's τ = inf) runs today's first
+    # pass, without the pivots' compares.
+    summary, warm_counts = jax.lax.cond(
+        jnp.any(valid),
+        lambda: _summary_pass(problem, sizes, with_mean, warm_pivots),
+        lambda: (_summary_pass(problem, sizes, with_mean),
+                 jnp.zeros(warm_pivots.shape, jnp.int32)))
   n = sizes - summary.non_finite
   k = top_count(fraction, n)
   q = k.astype(jnp.float32) / jnp.maximum(n, 1).astype(jnp.float32)
-  first = _sample_pivots(problem, q) if sample else _mean_pivots(fmt, summary.mean, q)
   largest, smallest = summary.largest, summary.smallest
+
+  def cold_pivots():
+    return _sample_pivots(problem, q) if sample else _mean_pivots(fmt, summary.mean, q)
+
   state = _SearchState(
       lo=smallest, hi=(largest + 1).astype(fmt.key_dtype), c_lo=n,
-      c_hi=jnp.zeros((num_groups,), jnp.int32), pivots=first, width_before=n,
+      c_hi=jnp.zeros((num_groups,), jnp.int32),
+      pivots=cold_pivots() if hint is None else warm_pivots, width_before=n,
       step=jnp.zeros((), jnp.int32))
   state = _finish_at_extremes(state, k, largest, smallest, state.active)
   state = _solve(state, n == 0, inf_key)  # no finite coordinate: τ = +inf
+  if hint is not None:
+    # The warm pass's counts narrow the bracket as a search pass would. Where k lies between
+    # the lowest and the highest warm pivot (a hit) the next pivots interpolate in that
+    # narrow bracket; where it does not, the cold search's first pivots take over in what
+    # is left of the bracket. Either way the search below is the same exact one.
+    hit = valid & (warm_counts[:, 0] >= k) & (warm_counts[:, -1] < k)
+    narrowed = _narrow(state, k, warm_counts, largest, smallest)
+    state = narrowed._replace(**{
+        field: jnp.where(valid, getattr(narrowed, field), getattr(state, field))
+        for field in ("lo", "hi", "c_lo", "c_hi", "width_before")})
+    interpolated = _next_pivots(fmt, state, k)
+    pivots = jax.lax.cond(jnp.all(hit | ~state.active), lambda: interpolated,
+                          lambda: jnp.where(hit[:, None], interpolated, cold_pivots()))
+    state = state._replace(pivots=pivots)
   state = state._replace(pivots=jnp.clip(state.pivots, (state.lo + 1)[:, None],
                                          (state.hi - 1)[:, None]))
 

@@ -79,7 +79,7 @@ def _is_sharded(x) -> bool:
   return explicit_spec(x) is not None
 
 
-def _sharded_threshold_keys(float_leaves, fraction, per_leaf: bool):
+def _sharded_threshold_keys(float_leaves, fraction, per_leaf: bool, hint=None):
   """The search on explicitly sharded leaves, in a `shard_map` over their mesh.
 
   Every device searches on its own blocks; each pass combines the per-leaf partial counts
@@ -100,7 +100,7 @@ def _sharded_threshold_keys(float_leaves, fraction, per_leaf: bool):
       names.update(entry if isinstance(entry, tuple) else (entry,))
     return names
 
-  def local(fraction_value, *blocks):
+  def local(fraction_value, hint_value, *blocks):
     weights = []
     for spec in specs:
       first = jnp.ones((), jnp.int32)
@@ -111,26 +111,30 @@ def _sharded_threshold_keys(float_leaves, fraction, per_leaf: bool):
     across = _selection.Across(axes, tuple(weights), sizes)
     return _selection.kth_largest_keys(
         list(blocks), fraction_value if traced else fraction, per_leaf=per_leaf,
-        across=across, sample=False)
+        across=across, sample=False, hint=None if hint is None else hint_value)
 
   fraction_arg = jnp.asarray(fraction, jnp.float32) if traced else jnp.zeros(())
-  return jax.shard_map(local, mesh=mesh, in_specs=(jax.sharding.PartitionSpec(),) + specs,
-                       out_specs=(jax.sharding.PartitionSpec(),) * 2, check_vma=False)(
-                           fraction_arg, *float_leaves)
+  hint_arg = jnp.zeros(()) if hint is None else hint
+  replicated = jax.sharding.PartitionSpec()
+  return jax.shard_map(local, mesh=mesh, in_specs=(replicated, replicated) + specs,
+                       out_specs=(replicated,) * 2, check_vma=False)(
+                           fraction_arg, hint_arg, *float_leaves)
 
 
-def _threshold_values(float_leaves, fraction, per_leaf: bool):
+def _threshold_values(float_leaves, fraction, per_leaf: bool, hint=None):
   """The one dispatcher: per-group thresholds as values of the key float dtype, and the
-  number of narrowing passes the search ran (for the benchmarks)."""
+  number of narrowing passes the search ran (for the benchmarks). ``hint``: (G,) values
+  near the answer, or None."""
   fmt = _selection.key_format([l.dtype for l in float_leaves])
   if any(_is_sharded(l) for l in float_leaves):
-    keys, passes = _sharded_threshold_keys(float_leaves, fraction, per_leaf)
+    keys, passes = _sharded_threshold_keys(float_leaves, fraction, per_leaf, hint)
   else:
     if (not per_leaf and len(float_leaves) > 1
         and sum(l.size for l in float_leaves) <= PACK_MAX_SIZE):
       float_leaves = [jnp.concatenate([jnp.ravel(l).astype(fmt.float_dtype)
                                        for l in float_leaves])]
-    keys, passes = _selection.kth_largest_keys(float_leaves, fraction, per_leaf=per_leaf)
+    keys, passes = _selection.kth_largest_keys(float_leaves, fraction, per_leaf=per_leaf,
+                                               hint=hint)
   return _selection.key_to_value(keys, fmt), passes
 
 
@@ -140,7 +144,28 @@ _threshold_static_fraction = jax.jit(_threshold_values, static_argnums=(1, 2))
 _threshold_traced_fraction = jax.jit(_threshold_values, static_argnums=(2,))
 
 
-def _threshold(tree: Any, fraction, per_leaf: bool) -> Any:
+def _hint_values(hint, tree, per_leaf: bool):
+  """A `clip_threshold` hint as (G,) float32 values, or None (no hint)."""
+  if hint is None:
+    return None
+  if not per_leaf:
+    value = jnp.asarray(hint, jnp.float32)
+    if value.shape != ():
+      raise ValueError(f"clip_threshold: hint must be a scalar (last step's τ), got shape "
+                       f"{value.shape}")
+    return value[None]
+  # Per-leaf thresholds are None at non-floating leaves, which flattening drops: what is
+  # left lines up with the floating leaves.
+  values = [jnp.asarray(t, jnp.float32) for t in jax.tree.leaves(hint)]
+  floats = sum(_is_float_leaf(leaf) for leaf in jax.tree.leaves(tree))
+  if len(values) != floats or any(v.shape != () for v in values):
+    raise ValueError("clip_threshold: with per_leaf=True, hint must be a tree of scalars "
+                     f"like the per-leaf thresholds ({floats} floating leaves), got "
+                     f"{len(values)} leaves")
+  return jnp.stack(values) if values else None
+
+
+def _threshold(tree: Any, fraction, per_leaf: bool, hint=None) -> Any:
   """`clip_threshold` for a fraction that `validate_fraction` has already checked."""
   leaves, treedef = jax.tree.flatten(tree)
   float_positions = [i for i, l in enumerate(leaves) if _is_float_leaf(l)]
@@ -151,7 +176,7 @@ def _threshold(tree: Any, fraction, per_leaf: bool) -> Any:
     return jnp.asarray(jnp.inf, jnp.float32)
   search = (_threshold_static_fraction if isinstance(fraction, float)
             else _threshold_traced_fraction)
-  values, _ = search(float_leaves, fraction, per_leaf)
+  values, _ = search(float_leaves, fraction, per_leaf, _hint_values(hint, tree, per_leaf))
   if not per_leaf:
     return values[0].astype(jnp.result_type(*[l.dtype for l in float_leaves]))
   out = [None] * len(leaves)
@@ -160,7 +185,8 @@ def _threshold(tree: Any, fraction, per_leaf: bool) -> Any:
   return jax.tree.unflatten(treedef, out)
 
 
-def clip_threshold(tree: Any, fraction: float | jax.Array, *, per_leaf: bool = False) -> Any:
+def clip_threshold(tree: Any, fraction: float | jax.Array, *, per_leaf: bool = False,
+                   hint: Any = None) -> Any:
   """The coordinate-wise clipping threshold τ of a pytree.
 
   τ is the k-th largest ``|g|`` over the finite coordinates of the floating-point leaves, with
@@ -179,6 +205,10 @@ def clip_threshold(tree: Any, fraction: float | jax.Array, *, per_leaf: bool = F
     tree: a pytree of arrays (gradients, updates, ...).
     fraction: the fraction of coordinates at or above τ, in (0, 1]. May be traced.
     per_leaf: if True, compute one threshold per floating-point leaf.
+    hint: optional, a threshold near the answer (last step's τ; with ``per_leaf`` a tree
+      of them like the result). The first pass then also brackets the answer around it,
+      which saves passes when it is close; τ is the same bit for bit with or without it
+      (a non-finite hint, such as the initial state's +inf, is ignored).
 
   Returns:
     A scalar in the promoted dtype of the floating leaves, or with ``per_leaf=True`` a pytree
@@ -192,7 +222,7 @@ def clip_threshold(tree: Any, fraction: float | jax.Array, *, per_leaf: bool = F
   References:
     Pan & Li 2023, arXiv 2306.00204, Section 4.1.
   """
-  return _threshold(tree, validate_fraction(fraction, "fraction"), per_leaf)
+  return _threshold(tree, validate_fraction(fraction, "fraction"), per_leaf, hint)
 
 
 def _threshold_for_dtype(threshold, dtype):
@@ -331,7 +361,8 @@ def clip_with_state(tree, fraction, state: CoordClipState, *, per_leaf: bool = F
 
   The clip that `coord_clip` and the clipped optimizers share.
   """
-  threshold = _threshold(tree, fraction, per_leaf)
+  # Last step's τ (the state's) warm-starts the search; the answer is exact either way.
+  threshold = _threshold(tree, fraction, per_leaf, hint=state.threshold)
   return clip_to_threshold(tree, threshold), _clip_statistics_compiled(tree, threshold,
                                                                        state, per_leaf)
 

@@ -99,6 +99,29 @@ def check_search_path(grads, s_grads):
       want, got = jax.tree.leaves(threshold(tree)), jax.tree.leaves(threshold(s_tree))
       for w, g in zip(want, got):
         np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+      # Warm-started from a close, a far and no hint: the same τ, sharded or not.
+      want = np.asarray(optclip.clip_threshold(tree, fraction))
+      for hint in (want * 1.001, want * 1000.0, np.inf):
+        got = jax.jit(lambda t, h, f=fraction: optclip.clip_threshold(t, f, hint=h))(
+            s_tree, jnp.float32(hint))
+        np.testing.assert_array_equal(np.asarray(got), want)
+  # Several clipped steps (each warm-started from the last τ) sharded equal unsharded.
+  tx = optclip.adam(1e-3, clip=0.5)
+  state, s_state = tx.init(grads), tx.init(s_grads)
+  step = jax.jit(tx.update)
+  for i in range(3):
+    g = jax.tree.map(lambda x: x * (1 + 0.01 * i), grads)
+    s_g = jax.tree.map(lambda x: x * (1 + 0.01 * i), s_grads)
+    want, state = step(g, state, g)
+    got, s_state = step(s_g, s_state, s_g)
+    for w, h in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+      np.testing.assert_allclose(np.asarray(h), np.asarray(w), rtol=1e-6, atol=1e-9)
+    (clip_state, s_clip_state), = zip(optclip.clip_states(state).values(),
+                                      optclip.clip_states(s_state).values())
+    np.testing.assert_array_equal(np.asarray(s_clip_state.threshold),
+                                  np.asarray(clip_state.threshold))
+    for w, h in zip(clip_state, s_clip_state):  # the norms: sums in another order
+      np.testing.assert_allclose(np.asarray(h), np.asarray(w), rtol=1e-5)
 
 
 def check_convolution_and_embedding(mesh):
