@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import pytest
 
 import optclip.models as models
 from experiments import plan
@@ -32,11 +33,19 @@ def test_forward_flops_match_a_hand_count_for_gpt_neo():
   assert abs(counted - hand) / hand < 0.10, (counted, hand)
 
 
+@pytest.mark.slow
 def test_plan_prints_a_table_for_a_preset(capsys):
+  """Compiles every program of every smoke task (2-6 minutes on 2 cores): slow."""
   assert main(["plan", "--preset", "smoke", "--set", "lanczos_iterations=4"]) == 0
   out = capsys.readouterr().out
   assert "| sharpness" in out and "| resnet (Table 9) | images |" in out and "Total:" in out
+
+
+def test_plan_refuses_bad_arguments_with_exit_2(capsys):
   assert main(["plan", "--preset", "smoke", "--set", "nope=1"]) == 2
+  assert "nope" in capsys.readouterr().err
+  assert main(["plan", "--preset", "smoke", "--device", "a100-81gb"]) == 2
+  assert "a100-81gb" in capsys.readouterr().err
 
 
 def test_the_planned_peak_is_within_25_percent_of_the_measured_one():
