@@ -68,6 +68,9 @@ def _parser():
   plan.add_argument("--device", action="append", default=[], metavar="NAME",
                     help="compare with a device's usable memory and find the largest "
                          "micro-batch that fits it (repeatable; e.g. a100-80gb, a100-40gb)")
+  plan.add_argument("--tasks", default=None, metavar="NAMES",
+                    help="plan only these tasks, comma-separated (default all: translation, "
+                         "code, classification, images)")
   return parser
 
 
@@ -126,6 +129,10 @@ def _plan(args, argv) -> int:
   unknown = [d for d in args.device if d not in plan.DEVICES]
   if unknown:
     raise UsageError(f"--device {unknown[0]!r} is unknown; known: {sorted(plan.DEVICES)}")
+  tasks = plan.TASKS if args.tasks is None else tuple(args.tasks.split(","))
+  if not tasks or any(t not in plan.TASKS for t in tasks):
+    raise UsageError(f"--tasks {args.tasks!r}: expected a comma-separated subset of "
+                     f"{list(plan.TASKS)}")
   seeds = args.seeds or len(preset.seeds)
   print(f"# plan: preset {preset.name}" + (f", overrides {applied}" if applied else "")
         + f", {seeds} seed(s), mesh {args.mesh or 'none (one device)'}\n")
@@ -133,7 +140,7 @@ def _plan(args, argv) -> int:
   usable = min((plan.usable_bytes(d) for d in args.device), default=None)
   context = jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
   with context:
-    rows = plan.plan(preset, seeds, mesh, usable)
+    rows = plan.plan(preset, seeds, mesh, usable, tasks)
     print(plan.table(rows, args.peak_tflops, args.utilization,
                      1 if mesh is None else mesh.size, args.device))
     print("\n" + plan.programs_table(rows))
@@ -142,6 +149,8 @@ def _plan(args, argv) -> int:
             f"{plan.usable_bytes(device) / plan.GIB:.1f} GiB usable):")
       for name, kind in (("translation", "transformer"), ("code", "transformer"),
                          ("classification", "training")):
+        if name not in tasks:
+          continue
         size, peak = plan.largest_microbatch(preset, name, kind, plan.usable_bytes(device),
                                              mesh)
         print(f"- {name}: " + (f"--set {name}.microbatch_size={size} (peak "

@@ -320,32 +320,45 @@ def _convergence_runs(preset, name) -> int:
                     + 2 * len(preset.convergence_seeds))
 
 
-def plan(preset, seeds: int, mesh=None, usable=None) -> list:
-  """[(experiment, task, figures)] for every experiment of ``reproduce``."""
+TASKS = ("translation", "code", "classification", "images")
+
+
+def plan(preset, seeds: int, mesh=None, usable=None, tasks=TASKS) -> list:
+  """[(experiment, task, figures)] for every experiment of ``reproduce`` on ``tasks``."""
   layout = Layout(mesh)
   rows = []
   points = lambda epochs: seeds * len(epochs)
   started = time.time()
 
-  def planned(row):  # compiling the paper's programs takes minutes on a CPU: say where
-    print(f"  planned {row[0].split(' ')[0]}/{row[1]} ({time.time() - started:.0f} s)",
+  def planned(experiment, name, found):
+    # Compiling the paper's programs takes minutes on a CPU: say where, and what was found
+    # (so that an interrupted plan still has its rows).
+    phases = found["phases"]
+    print(f"  planned {experiment.split(' ')[0]}/{name} ({time.time() - started:.0f} s): "
+          f"peak {phases['peak'] / GIB:.2f} GiB/device (training {phases['training'] / GIB:.2f}"
+          f", directions {phases['directions'] / GIB:.2f}, probe point "
+          f"{phases['probe point'] / GIB:.2f}"
+          + (", optimizer states set aside" if phases["set aside"] else "") + ")",
           file=sys.stderr, flush=True)
-    return row
+    rows.append((experiment, name, found))
 
   for name in ("translation", "code"):
-    rows.append(planned(("sharpness (Tables 1, 4-7, every probe section)", name,
-                         plan_trajectories(name, preset, layout, "transformer",
-                                           seeds * 2 * preset.epochs,
-                                           2 * points(preset.probe_epochs), usable))))
+    if name in tasks:
+      planned("sharpness (Tables 1, 4-7, every probe section)", name, plan_trajectories(
+          name, preset, layout, "transformer", seeds * 2 * preset.epochs,
+          2 * points(preset.probe_epochs), usable))
   for name in ("translation", "code"):
-    rows.append(planned(("convergence (Figure 6)", name, plan_training(
-        name, preset, layout, _convergence_runs(preset, name), preset.convergence_epochs,
-        usable))))
-  rows.append(planned(("smoothness (Table 8)", "classification", plan_training(
-      "classification", preset, layout, seeds, preset.smoothness_epochs, usable))))
-  rows.append(planned(("resnet (Table 9)", "images", plan_trajectories(
-      "images", preset, layout, "resnet", seeds * preset.resnet_epochs,
-      points(preset.resnet_probe_epochs), usable))))
+    if name in tasks:
+      planned("convergence (Figure 6)", name, plan_training(
+          name, preset, layout, _convergence_runs(preset, name), preset.convergence_epochs,
+          usable))
+  if "classification" in tasks:
+    planned("smoothness (Table 8)", "classification", plan_training(
+        "classification", preset, layout, seeds, preset.smoothness_epochs, usable))
+  if "images" in tasks:
+    planned("resnet (Table 9)", "images", plan_trajectories(
+        "images", preset, layout, "resnet", seeds * preset.resnet_epochs,
+        points(preset.resnet_probe_epochs), usable))
   return rows
 
 

@@ -46,6 +46,8 @@ def test_plan_refuses_bad_arguments_with_exit_2(capsys):
   assert "nope" in capsys.readouterr().err
   assert main(["plan", "--preset", "smoke", "--device", "a100-81gb"]) == 2
   assert "a100-81gb" in capsys.readouterr().err
+  assert main(["plan", "--preset", "smoke", "--tasks", "translation,nope"]) == 2
+  assert "--tasks" in capsys.readouterr().err
 
 
 def test_the_planned_peak_is_within_25_percent_of_the_measured_one():
