@@ -268,7 +268,9 @@ class CoordClipState(NamedTuple):
   Fields (before the first update: τ = +inf, nothing clipped, norms 0):
 
   * ``threshold``: τ, a scalar in the gradient's float dtype. With ``per_leaf=True`` a
-    pytree shaped like the parameters, one scalar τ per float leaf (None elsewhere).
+    pytree shaped like the parameters, one scalar τ per float leaf (None elsewhere). The
+    next update's search starts from it (`clip_threshold`'s ``hint``); results never
+    depend on it, only the number of passes does.
   * ``clipped_count``: int32 scalar, the finite coordinates with ``|g|`` > τ, i.e. those the
     clip changed, over all leaves (also with ``per_leaf=True``). Coordinates *equal* to τ
     (the k-th largest itself and its ties) are not counted, so at ``fraction=0.5`` this
