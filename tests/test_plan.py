@@ -70,3 +70,32 @@ def test_the_planned_peak_is_within_25_percent_of_the_measured_one():
   found = json.loads(result.stdout.strip().splitlines()[-1])
   measured = found["measured_growth"] + found["arguments"]
   assert abs(found["peak"] - measured) <= 0.25 * measured, found
+
+
+@pytest.mark.slow
+def test_the_largest_microbatch_that_fits_is_the_largest_whose_compiled_peak_fits():
+  """For the smoke classification model at batches of 256 sequences of 64 tokens (so that
+  activations, not parameters, set the peak) and a budget between the peaks at micro-
+  batches of 1 and 256: the answer's own compiled peak fits, and the peak of the next
+  larger size that divides both batches, compiled independently, does not."""
+  import dataclasses
+  from experiments import presets
+  smoke = presets.PRESETS["smoke"]
+  task = dataclasses.replace(smoke.classification, batch_size=256, test_size=256,
+                             train_size=256, max_length=64)
+  preset = dataclasses.replace(smoke, classification=task)
+
+  def peak(size):
+    sized = dataclasses.replace(preset, classification=dataclasses.replace(
+        task, microbatch_size=size))
+    return plan.plan_training("classification", sized, plan.Layout(None), 1, 1)[
+        "phases"]["peak"]
+
+  sizes = [d for d in plan.divisors(task.batch_size) if task.test_size % d == 0]
+  low, high = peak(sizes[0]), peak(sizes[-1])
+  assert low < high
+  usable = (low + high) / 2
+  size, found = plan.largest_microbatch(preset, "classification", "training", usable)
+  assert size is not None and found <= usable and found == peak(size)
+  larger = [s for s in sizes if s > size]
+  assert larger and peak(larger[0]) > usable
