@@ -1,3 +1,4 @@
 # Scripts the tests run in subprocesses, not test modules (importing them would configure
 # this process's JAX).
-collect_ignore = ["multiprocess/worker.py", "sharded/check.py"]
+collect_ignore = ["multiprocess/worker.py", "multiprocess/dies.py", "sharded/check.py",
+                  "plan/measure_rss.py"]
