@@ -29,7 +29,12 @@ from __future__ import annotations
 from typing import Any, Callable, NamedTuple
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import optax.microbatching
+from jax.sharding import PartitionSpec as P
+
+from optclip.sharding import explicit_spec
 
 __all__ = ["Objective", "as_objective", "concatenated", "divisors", "summed"]
 
@@ -39,6 +44,67 @@ def divisors(n: int) -> list:
   return [d for d in range(1, n + 1) if n % d == 0]
 
 
+def _batch_axis_sharding(examples):
+  """(the mesh axes the examples' leading axis is split over, how many devices that is) for
+  a batch on an explicit-sharding mesh, or None for an unsplit batch."""
+  specs = [explicit_spec(x) for x in jax.tree.leaves(examples)]
+  split = {spec[0] for spec in specs if spec is not None and spec[0] is not None}
+  if not split:
+    return None
+  if len(split) > 1 or any(spec is None or spec[0] is None for spec in specs):
+    raise ValueError("micro-batching: every example array must split its batch axis over "
+                     f"the same mesh axes, got {sorted(map(str, split))} and unsplit ones")
+  axes = split.pop()
+  axes = axes if isinstance(axes, tuple) else (axes,)
+  mesh = jax.typeof(jax.tree.leaves(examples)[0]).sharding.mesh
+  return axes, int(np.prod([mesh.shape[a] for a in axes]))
+
+
+def _sharded_microbatches(fn, examples, common, microbatch_size: int, accumulation, axes,
+                          devices: int):
+  """The micro-batch loop for a batch split over ``devices`` along ``axes``: micro-batch j
+  takes its examples from every device's own block (``microbatch_size / devices`` each), so
+  the split never moves data and every device works on every micro-batch. optax's
+  reshape cannot say where its output lies on an explicit-sharding mesh, hence this loop."""
+  if microbatch_size % devices:
+    raise ValueError(f"microbatch_size={microbatch_size} must be a multiple of the "
+                     f"{devices} devices the batch is split over ({', '.join(axes)})")
+  local = microbatch_size // devices
+  spec = axes if len(axes) > 1 else axes[0]
+
+  def split(x):  # (B, ...) -> (B / microbatch_size, microbatch_size, ...)
+    rest = x.shape[1:]
+    count = x.shape[0] // microbatch_size
+    tail = (None,) * len(rest)
+    x = jax.lax.reshape(x, (devices, count, local) + rest,
+                        out_sharding=P(spec, None, None, *tail))
+    x = jnp.moveaxis(x, 0, 1)
+    return jax.lax.reshape(x, (count, microbatch_size) + rest,
+                           out_sharding=P(None, spec, *tail))
+
+  parts = jax.tree.map(split, examples)
+  if accumulation == optax.microbatching.AccumulationType.SUM:
+    # A running sum (never the stacked outputs: for a gradient that would be one copy of
+    # the parameters per micro-batch), started from the first micro-batch's output so that
+    # the carry has the outputs' own types and shardings.
+    first = fn({**jax.tree.map(lambda x: x[0], parts), **common})
+
+    def add(total, part):
+      return jax.tree.map(jnp.add, total, fn({**part, **common})), None
+    return jax.lax.scan(add, first, jax.tree.map(lambda x: x[1:], parts))[0]
+  outputs = jax.lax.map(lambda part: fn({**part, **common}), parts)
+
+  def join(y):  # (count, microbatch_size, ...) -> (B, ...) in the batch's own order
+    count, rest = y.shape[0], y.shape[2:]
+    tail = (None,) * len(rest)
+    y = jax.lax.reshape(y, (count, devices, local) + rest,
+                        out_sharding=P(None, spec, None, *tail))
+    y = jnp.moveaxis(y, 1, 0)
+    return jax.lax.reshape(y, (count * microbatch_size,) + rest,
+                           out_sharding=P(spec, *tail))
+  return jax.tree.map(join, outputs)
+
+
 def _over_microbatches(fn, batch, microbatch_size: int, accumulation, shared):
   examples = {k: v for k, v in batch.items() if k not in shared}
   common = {k: v for k, v in batch.items() if k in shared}
@@ -46,6 +112,10 @@ def _over_microbatches(fn, batch, microbatch_size: int, accumulation, shared):
   if size % microbatch_size:
     raise ValueError(f"microbatch_size={microbatch_size} does not divide the batch of "
                      f"{size}; sizes that do: {divisors(size)}")
+  sharded = _batch_axis_sharding(examples)
+  if sharded is not None:
+    return _sharded_microbatches(fn, examples, common, microbatch_size, accumulation,
+                                 *sharded)
   return optax.microbatching.microbatch(
       lambda part: fn({**part, **common}), argnums=0, microbatch_size=microbatch_size,
       accumulator=accumulation)(examples)

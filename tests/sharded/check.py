@@ -83,9 +83,46 @@ def check(spec):
     for w, g in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
       np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-6, atol=1e-9)
     check_search_path(grads, s_grads)
+    check_microbatching(mesh)
     check_convolution_and_embedding(mesh)
     check_checkpoint_onto_another_mesh(s_params, params, spec)
   print("OK", spec, flush=True)
+
+
+def check_microbatching(mesh):
+  """Micro-batches of a batch split over the mesh (each takes its examples from every
+  device's own block) sum to the one-shot value and gradient, per-example outputs come back
+  in the batch's order, and a size that is not a multiple of the devices is refused."""
+  from optclip import microbatch
+  rng = np.random.default_rng(5)
+  w = jnp.asarray(rng.standard_normal((8, 16)).astype(np.float32))
+  batch = {"x": jnp.asarray(rng.standard_normal((32, 8)).astype(np.float32)),
+           "m": jnp.asarray((rng.random(32) > 0.3).astype(np.float32))}
+  gather = lambda p: (jax.sharding.reshard(p, jax.sharding.PartitionSpec())
+                      if sharding.explicit_spec(p) is not None else p)
+  loss_sum = lambda p, b: jnp.sum(b["m"][:, None] * jnp.tanh(b["x"] @ gather(p)) ** 2)
+  count = lambda b: jnp.sum(b["m"])
+  loss = lambda p, b: loss_sum(p, b) / count(b)
+  one = lambda p, x, m: loss_sum(p, {"x": x[None], "m": m[None]})
+  per_example = lambda p, b: jax.vmap(jax.grad(one), (None, 0, 0))(gather(p), b["x"], b["m"])
+  want = jax.value_and_grad(loss)(w, batch)
+  want_examples = per_example(w, batch)
+  s_w = sharding.shard_params(w, mesh, min_size=0)
+  s_batch = sharding.shard_batch(batch, mesh)
+  objective = microbatch.Objective(loss, loss_sum, count, microbatch_size=16)
+  got = jax.jit(objective.value_and_grad)(s_w, s_batch)
+  np.testing.assert_allclose(np.asarray(got[0]), np.asarray(want[0]), rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(got[1]), np.asarray(want[1]), rtol=1e-5, atol=1e-7)
+  examples = jax.jit(lambda p, b: microbatch.concatenated(
+      lambda part: per_example(p, part), b, 16))(s_w, s_batch)
+  np.testing.assert_allclose(np.asarray(examples), np.asarray(want_examples), rtol=1e-4,
+                             atol=1e-6)
+  try:
+    microbatch.Objective(loss, loss_sum, count, microbatch_size=4).value(s_w, s_batch)
+  except ValueError as error:
+    assert "multiple of the 8 devices" in str(error), error
+  else:
+    raise AssertionError("a micro-batch of 4 over 8 devices was not refused")
 
 
 def check_search_path(grads, s_grads):
