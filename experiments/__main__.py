@@ -162,6 +162,25 @@ def _plan(args, argv) -> int:
   return 0
 
 
+def _check_microbatches_on(mesh, preset) -> None:
+  """A batch split over n devices micro-batches in sizes that are multiples of n (each
+  micro-batch takes its share from every device's block): refused before anything runs."""
+  from optclip import sharding
+  for name in ("translation", "code", "classification", "images"):
+    task = getattr(preset, name)
+    if not task.microbatch_size:
+      continue
+    for size in (task.batch_size, task.test_size):
+      spec = sharding.batch_spec_for((size,), mesh)[0]
+      axes = () if spec is None else (spec if isinstance(spec, tuple) else (spec,))
+      devices = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+      if task.microbatch_size % devices:
+        raise UsageError(
+            f"{name}.microbatch_size={task.microbatch_size}: on --mesh {dict(mesh.shape)} a "
+            f"batch of {size} is split over {devices} devices, so a micro-batch must be a "
+            f"multiple of {devices}")
+
+
 def default_cache_dir() -> str:
   return os.environ.get("OPTCLIP_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
                                                          "optclip")
@@ -248,6 +267,7 @@ def _run(args, after_checkpoint) -> int:
       mesh = sharding.mesh_from_spec(args.mesh)
     except ValueError as error:
       raise UsageError(f"--mesh: {error}") from error
+    _check_microbatches_on(mesh, preset)
   checkpoints = _checkpoints(args.checkpoint)
   live = None
   if args.tensorboard:
