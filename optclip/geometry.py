@@ -17,6 +17,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 
+from optclip import sharding
 from optclip.clipping import clip_threshold
 
 __all__ = [
@@ -421,8 +422,19 @@ def coordinate_histogram(tree, bins: int | Sequence[float] = 60,
   for leaf in jax.tree.leaves(tree):
     magnitude = jnp.abs(leaf.astype(jnp.float32))
     logs = jnp.clip(jnp.log10(jnp.where(magnitude > 0, magnitude, 1.0)), edges[0], edges[-1])
-    index = jnp.clip(jnp.searchsorted(edges, logs, side="right") - 1, 0, counts.shape[0] - 1)
-    weights = (magnitude > 0).astype(jnp.int32)
-    counts = counts + jnp.zeros_like(counts).at[jnp.ravel(index)].add(jnp.ravel(weights))
+    if sharding.explicit_spec(leaf) is not None:
+      # A sort-free search and a scatter need the leaf flat, which an explicitly sharded
+      # axis refuses: count the coordinates at or above every lower edge instead (one
+      # reduction per bin, each summed where the blocks lie) and take differences.
+      nonzero = magnitude > 0
+      at_or_above = jnp.stack([jnp.sum((nonzero & (logs >= edges[b])).astype(jnp.int32))
+                               for b in range(counts.shape[0])])
+      counts = counts + at_or_above - jnp.concatenate([at_or_above[1:],
+                                                       jnp.zeros((1,), jnp.int32)])
+    else:
+      index = jnp.clip(jnp.searchsorted(edges, logs, side="right") - 1, 0,
+                       counts.shape[0] - 1)
+      weights = (magnitude > 0).astype(jnp.int32)
+      counts = counts + jnp.zeros_like(counts).at[jnp.ravel(index)].add(jnp.ravel(weights))
     zeros = zeros + jnp.sum(magnitude == 0)
   return counts, edges, zeros
