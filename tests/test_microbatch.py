@@ -148,35 +148,3 @@ def test_a_microbatch_that_does_not_divide_is_refused_naming_the_sizes_that_do()
   with pytest.raises(ValueError, match="not a sum over examples"):
     models.make_objective(resnet, "train", microbatch_size=2)
   assert models.make_objective(resnet, "eval", microbatch_size=2).microbatch_size == 2
-
-
-def test_the_cli_refuses_a_microbatch_size_that_does_not_divide_with_exit_2(tmp_path, capsys):
-  """--set translation.microbatch_size=3 at smoke (batch and test batch of 16): exit 2
-  before anything is written, naming the field and the sizes that divide both."""
-  from experiments.__main__ import main
-  out = tmp_path / "run"
-  assert main(["sharpness", "--preset", "smoke", "--out", str(out),
-               "--set", "translation.microbatch_size=3"]) == 2
-  err = capsys.readouterr().err
-  assert "translation.microbatch_size" in err and "[1, 2, 4, 8, 16]" in err, err
-  assert not out.exists()
-
-
-def test_on_a_mesh_a_microbatch_that_is_not_a_multiple_of_the_devices_is_refused(tmp_path):
-  """--mesh data=2 (2 forced CPU devices) splits smoke's batches of 16 over 2 devices, so
-  --set translation.microbatch_size=1 exits 2 before anything is written, saying why."""
-  import os
-  import subprocess
-  import sys
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  out = tmp_path / "run"
-  env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
-  env.update(PYTHONPATH=root, XLA_FLAGS="--xla_force_host_platform_device_count=2")
-  result = subprocess.run([sys.executable, "-m", "experiments", "sharpness", "--preset",
-                           "smoke", "--out", str(out), "--mesh", "data=2", "--set",
-                           "translation.microbatch_size=1"], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=300)
-  assert result.returncode == 2, result.stderr[-2000:]
-  assert "translation.microbatch_size=1" in result.stderr
-  assert "multiple of 2" in result.stderr, result.stderr[-2000:]
-  assert not out.exists()
