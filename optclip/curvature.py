@@ -18,9 +18,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optclip import spectrum
+import optax
+
+from optclip import blocks, spectrum
 from optclip.clipping import clip_threshold
 from optclip.geometry import map_directions, tree_dot
+from optclip.optimizers import ScaleByClippedAdamState
 from optclip.spectrum import TraceEstimate
 
 __all__ = [
@@ -39,8 +42,13 @@ __all__ = [
     "hessian_eigenpairs",
     "hessian_spectral_density",
     "hessian_trace",
+    "hessian_block_spectral_densities",
     "hessian_vector_product",
+    "adam_preconditioner",
+    "adam_stability_threshold",
+    "preconditioned_top_eigenvalue",
     "r_med",
+    "sgd_stability_threshold",
     "top_hessian_eigenvalue",
 ]
 
@@ -99,8 +107,8 @@ def hessian_eigenpairs(loss_fn: Callable, params, k: int, *, key=None,
                        num_matvecs: int | None = None):
   """The ``k`` largest eigenvalues of ∇²f(x), descending, and unit eigenvectors.
 
-  Lanczos (matfree) on Hessian-vector products; see `optclip.spectrum.eigenpairs`.
-  Needs unsharded parameters (matfree flattens its vectors).
+  Lanczos on Hessian-vector products (matfree on unsharded parameters, leaf by leaf on
+  explicitly sharded ones); see `optclip.spectrum.eigenpairs`.
 
   Args:
     loss_fn: params -> scalar loss.
@@ -132,7 +140,8 @@ def hessian_trace(loss_fn: Callable, params, *, key=None, num_matvecs: int = 60,
                   method: str = "hutch++") -> TraceEstimate:
   """tr ∇²f(x) by Hutch++ (or "xtrace", "hutchinson"), with its standard error.
 
-  See `optclip.spectrum.trace` for the estimators. Needs unsharded parameters.
+  See `optclip.spectrum.trace` for the estimators (Hutch++ and Hutchinson also on
+  explicitly sharded parameters).
 
   Args:
     loss_fn: params -> scalar loss.
@@ -165,7 +174,7 @@ def hessian_spectral_density(loss_fn: Callable, params, *, key=None, num_matvecs
                              num_samples: int = 8):
   """(nodes, weights) of ∇²f(x)'s eigenvalue density by stochastic Lanczos quadrature.
 
-  See `optclip.spectrum.spectral_density`. Needs unsharded parameters.
+  See `optclip.spectrum.spectral_density` (leaf by leaf, also on sharded parameters).
 
   Args:
     loss_fn: params -> scalar loss.
@@ -189,6 +198,160 @@ def hessian_spectral_density(loss_fn: Callable, params, *, key=None, num_matvecs
   return spectrum.spectral_density(lambda v: hessian_vector_product(loss_fn, params, v),
                                    params, key=key, num_matvecs=num_matvecs,
                                    num_samples=num_samples)
+
+
+def hessian_block_spectral_densities(loss_fn: Callable, params, labels=None, *,
+                                     by: str = "kind", key=None, num_matvecs: int = 30,
+                                     num_samples: int = 8) -> dict:
+  """The SLQ density of every diagonal block H_bb of ∇²f(x) (Zhang et al. 2024).
+
+  Blocks are sets of leaves: ``labels`` (a pytree of strings like ``params``) or
+  `optclip.blocks.partition` ``(params, by=by)``. The Hessian is linearised once
+  (`jax.linearize` of the gradient), so every block, sample and Lanczos step shares one
+  forward and backward pass and pays only the linear map; see
+  `optclip.spectrum.block_spectral_densities` for the rest (leaf by leaf, also on sharded
+  parameters). Feed the result to `optclip.spectrum.js_distances` for their
+  heterogeneity measure.
+
+  Args:
+    loss_fn: params -> scalar loss.
+    params: the point x.
+    labels: the block of every leaf (default: `optclip.blocks.partition` with ``by``).
+    by: the default partition's grouping, "kind", "layer" or "layer/kind".
+    key: PRNG key of the start vectors (default key 0).
+    num_matvecs: Lanczos steps per sample and block.
+    num_samples: start vectors per block.
+
+  Returns:
+    ``{block: (nodes, weights)}``, each block's quadrature (weights summing to 1).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from optclip import curvature
+    >>> loss = lambda p: jnp.sum(3 * p["a"] ** 2) + jnp.sum(p["b"] ** 2) + p["a"][0] * p["b"][0]
+    >>> params = {"a": jnp.ones(2), "b": jnp.ones(2)}
+    >>> densities = curvature.hessian_block_spectral_densities(
+    ...     loss, params, {"a": "a", "b": "b"}, num_matvecs=2, num_samples=1)
+    >>> {name: round(float(nodes.max()), 3) for name, (nodes, _) in densities.items()}
+    {'a': 6.0, 'b': 2.0}
+
+  References:
+    Zhang et al., Why Transformers Need Adam: A Hessian Perspective, 2024 (arXiv 2402.16788).
+  """
+  labels = blocks.partition(params, by=by) if labels is None else labels
+  _, hessian_times = jax.linearize(jax.grad(loss_fn), params)
+  return spectrum.block_spectral_densities(hessian_times, params, labels, key=key,
+                                           num_matvecs=num_matvecs, num_samples=num_samples)
+
+
+def adam_preconditioner(opt_state, *, b2: float = 0.999, eps: float = 1e-8,
+                        eps_root: float = 0.0):
+  """Adam's diagonal preconditioner P = √(v̂ + ε_root) + ε from a live optimizer state.
+
+  Finds the one Adam state in ``opt_state`` (`optax.ScaleByAdamState` of `optax.adam` or
+  any chain holding `optax.scale_by_adam`, or `optclip.ScaleByClippedAdamState` of
+  `optclip.adam(clip=...)`) and bias-corrects its second moment with its step count:
+  v̂ = ν / (1 - b2ᵗ). Pass the optimizer's own ``b2``, ``eps`` and ``eps_root``.
+
+  Args:
+    opt_state: an optimizer state holding exactly one Adam state.
+    b2: the optimizer's second-moment decay.
+    eps: the optimizer's ε (added outside the square root, as `optax.scale_by_adam`).
+    eps_root: the optimizer's ε_root (added inside it).
+
+  Returns:
+    A pytree like the parameters: √(v̂ + ε_root) + ε.
+
+  Raises:
+    ValueError: where the state holds no, or several, Adam states, or one that has taken
+      no step.
+
+  Example:
+    >>> import jax.numpy as jnp, optax
+    >>> from optclip import curvature
+    >>> tx = optax.adam(0.1, b2=0.5, eps=0.0)
+    >>> state = tx.init(jnp.zeros(2))
+    >>> _, state = tx.update(jnp.array([3., -4.]), state)
+    >>> curvature.adam_preconditioner(state, b2=0.5, eps=0.0)
+    Array([3., 4.], dtype=float32)
+  """
+  kinds = (optax.ScaleByAdamState, ScaleByClippedAdamState)
+  found = [x for x in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, kinds))
+           if isinstance(x, kinds)]
+  if len(found) != 1:
+    raise ValueError(f"opt_state: expected exactly one Adam state (optax.ScaleByAdamState or "
+                     f"optclip.ScaleByClippedAdamState), found {len(found)}")
+  adam = found[0]
+  try:
+    steps = int(adam.count)
+  except (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError):
+    steps = None  # under jit: the caller's to ensure
+  if steps is not None and steps < 1:
+    raise ValueError("opt_state: Adam has taken no step yet (count 0), so it has no second "
+                     "moment to precondition with")
+  correction = 1 - jnp.asarray(b2, jnp.float32) ** adam.count
+  return jax.tree.map(
+      lambda nu: jnp.sqrt(nu / correction.astype(nu.dtype) + eps_root) + eps, adam.nu)
+
+
+def preconditioned_top_eigenvalue(loss_fn: Callable, params, preconditioner, *,
+                                  iters: int = 30, key=None) -> jax.Array:
+  """λ_max(P⁻¹∇²f(x)) for a positive diagonal preconditioner P (Cohen et al. 2022).
+
+  P⁻¹H is similar to the symmetric P^(-1/2) H P^(-1/2), whose top eigenvalue Lanczos finds
+  (`optclip.spectrum.top_eigenvalue`, leaf by leaf, also on sharded parameters). With
+  P = `adam_preconditioner` of Adam's live state this is the preconditioned sharpness
+  whose stability threshold is `adam_stability_threshold`.
+
+  Args:
+    loss_fn: params -> scalar loss.
+    params: the point x.
+    preconditioner: P's diagonal, a pytree like ``params`` of positive entries.
+    iters: Lanczos steps.
+    key: PRNG key of the start vector (default key 0).
+
+  Returns:
+    A scalar: the largest Ritz value of P^(-1/2) H P^(-1/2).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from optclip import curvature
+    >>> loss = lambda x: jnp.sum(jnp.array([3., 1.]) * x ** 2)     # H = diag(6, 2)
+    >>> p = jnp.array([6., 0.5])                                     # P⁻¹H = diag(1, 4)
+    >>> round(float(curvature.preconditioned_top_eigenvalue(loss, jnp.ones(2), p, iters=2)), 4)
+    4.0
+
+  References:
+    Cohen et al., Adaptive Gradient Methods at the Edge of Stability, 2022 (arXiv 2207.14484).
+  """
+  scale = jax.tree.map(lambda p: jax.lax.rsqrt(p), preconditioner)
+  scaled = lambda v: jax.tree.map(lambda s, x: (s * x).astype(x.dtype), scale, v)
+  matvec = lambda v: scaled(hessian_vector_product(loss_fn, params, scaled(v)))
+  return spectrum.top_eigenvalue(matvec, params, iters=iters, key=key)
+
+
+def adam_stability_threshold(learning_rate: float, b1: float = 0.9) -> float:
+  """(2 + 2β₁) / ((1 - β₁) η): where Adam's preconditioned sharpness λ_max(P⁻¹H) makes
+  its update unstable on a quadratic with P frozen (Cohen et al. 2022, 38/η at β₁ = 0.9).
+
+  Example:
+    >>> from optclip import curvature
+    >>> round(curvature.adam_stability_threshold(1e-3), 6)
+    38000.0
+  """
+  return (2 + 2 * b1) / ((1 - b1) * learning_rate)
+
+
+def sgd_stability_threshold(learning_rate: float, momentum: float = 0.0) -> float:
+  """(2 + 2β) / η: where λ_max(H) makes heavy-ball SGD (`optax.sgd` with ``momentum`` β)
+  unstable on a quadratic; 2/η without momentum (Cohen et al. 2021, 2022).
+
+  Example:
+    >>> from optclip import curvature
+    >>> [round(curvature.sgd_stability_threshold(0.1, m), 6) for m in (0.0, 0.9)]
+    [20.0, 38.0]
+  """
+  return (2 + 2 * momentum) / learning_rate
 
 
 def gauss_newton_eigenpairs(outputs_fn: Callable, output_loss: Callable, params, k: int, *,
