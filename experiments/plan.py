@@ -195,11 +195,17 @@ def _compile_trajectory_programs(name, preset, layout: Layout, kind: str) -> dic
   memory["landscape"] = compiled_memory(programs.landscape, a_params, stacked, a_probe)
   memory["attribution"] = compiled_memory(programs.attribution, a_params, a_params, a_params,
                                           a_probe)
+  key = jax.ShapeDtypeStruct((2,), jnp.uint32)
   if preset.lanczos_iterations:
-    memory["λ_max (Lanczos)"] = compiled_memory(
-        programs.top_eigenvalue, a_params, a_probe,
-        jax.ShapeDtypeStruct((2,), jnp.uint32))
+    memory["λ_max (Lanczos)"] = compiled_memory(programs.top_eigenvalue, a_params, a_probe,
+                                                key)
+    memory["λ_max(P⁻¹H) (Lanczos)"] = compiled_memory(
+        programs.preconditioned_top_eigenvalue, a_params, a_params, a_probe, key)
+  if preset.block_spectrum_steps:
+    memory["block spectra (SLQ)"] = compiled_memory(programs.block_spectra, a_params, a_probe,
+                                                    key)
   resident = {"parameters": tree_bytes(params), "directions": k * tree_bytes(params),
+              "Adam's preconditioner": tree_bytes(params),
               "gradient and SGD's direction": 2 * tree_bytes(params),
               "probe batch": tree_bytes(probe_batch) + tree_bytes(model_state or {}),
               "optimizer states": tree_bytes(state.opt_state)}
@@ -252,7 +258,11 @@ def plan_trajectories(name, preset, layout: Layout, kind, epochs, probe_points,
       directions=found["k"], width=found["width"], steps=len(preset.landscape_steps),
       lanczos_iterations=preset.lanczos_iterations,
       diagonal_calls=math.ceil(diagonal / found["width"]) * share,
-      blocks=len(set(jax.tree.leaves(block_partition.partition(params)))))
+      blocks=len(set(jax.tree.leaves(block_partition.partition(params)))),
+      # the block spectra run at a unit's first probe point only
+      block_spectrum_matvecs=(len(set(jax.tree.leaves(block_partition.partition(params))))
+                              * preset.block_spectrum_samples * preset.block_spectrum_steps
+                              / max(1, len(preset.probe_epochs))))
   cost = measurements.point_cost(shape, preset)
   probe_flops = (cost.forwards * per_forward + cost.gradients * per_gradient
                  + cost.second_derivatives * per_direction + cost.hessian_vector_products * hvp

@@ -84,6 +84,11 @@ class Preset:
   # Probe measurements not to take (names in experiments.probing.measurements), e.g.
   # ("block_sharpness",); the report marks what they feed as not run.
   skip_measurements: tuple = ()
+  # Beyond the paper: the SLQ density of every parameter block's Hessian (by kind) at a
+  # unit's first probe point, for Zhang et al.'s Jensen-Shannon heterogeneity: Lanczos
+  # steps per start vector (0: off) and start vectors.
+  block_spectrum_steps: int = 16
+  block_spectrum_samples: int = 2
 
 
 def _steps(low: float, high: float, count: int) -> tuple:
@@ -104,7 +109,8 @@ SMOKE = Preset(
                       pretrain_size=32, pretrain_epochs=1),
     epochs=2, probe_epochs=(1, 2), trajectory_learning_rates={"sgd": 1e-2, "adam": 1e-3},
     landscape_steps=(0.0,) + _steps(1e-3, 1.0, 5), curvature_samples=4, curvature_at="last",
-    lanczos_iterations=8, fused_probe_step=True,
+    lanczos_iterations=8, fused_probe_step=True, block_spectrum_steps=6,
+    block_spectrum_samples=1,
     convergence_epochs=2, convergence_batch_size=8, convergence_tuning_seeds=(100,),
     convergence_seeds=(0,), convergence_coarse_points=5, convergence_copies=5,
     smoothness_epochs=2,
@@ -220,6 +226,8 @@ LIMITS = {
         "expected a tuple of step sizes starting at 0.0 (the point itself)"),
     "curvature_samples": _at_least(0),
     "lanczos_iterations": _at_least(0),
+    "block_spectrum_steps": _at_least(0),
+    "block_spectrum_samples": _at_least(1),
     "convergence_epochs": _at_least(1),
     "convergence_batch_size": _at_least(0),
     "convergence_tuning_seeds": _seeds,

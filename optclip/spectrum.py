@@ -544,9 +544,9 @@ def js_distances(densities: dict, *, width: float | None = None,
   for i in range(len(names)):
     for j in range(i + 1, len(names)):
       p, q = curves[i], curves[j]
-      m = 0.5 * (p + q)
-      # Where a > 0, m ≥ a/2 > 0: the ratio is finite; terms with a = 0 are 0.
-      kl = lambda a: float(np.sum(a[a > 0] * np.log(a[a > 0] / m[a > 0])))
-      distances[i, j] = distances[j, i] = np.sqrt(max(0.5 * kl(p) + 0.5 * kl(q), 0.0))
+      # a·log(a/m) with a/m = 2a/(a + b): finite wherever a > 0, even where m = (a + b)/2
+      # would underflow (denormal tails of the Gaussians).
+      kl = lambda a, b: float(np.sum(a[a > 0] * np.log(2 * a[a > 0] / (a[a > 0] + b[a > 0]))))
+      distances[i, j] = distances[j, i] = np.sqrt(max(0.5 * kl(p, q) + 0.5 * kl(q, p), 0.0))
   pairs = distances[np.triu_indices(len(names), 1)]
   return JensenShannon(names, distances, float(pairs.mean()))

@@ -16,8 +16,10 @@ Adding a measurement is one entry in `MEASUREMENTS` (and its section in
 
 The point's inputs: ``params`` (x), ``directions`` (K stacked updates, consumed), ``names``
 (their labels), ``probe_batch``, ``key`` (for Lanczos), ``sample`` (the fixed coordinates of
-the Hessian diagonal) and ``diagonal_here`` (whether to take them at this point), and
-``clip_statistics`` (what the clipped probes' clips did in that step).
+the Hessian diagonal) and ``diagonal_here`` (whether to take them at this point),
+``first_point`` (whether this is the unit's first probe point), ``adam_preconditioner``
+(√v̂ + ε of the Adam probe's state, or None) and ``clip_statistics`` (what the clipped
+probes' clips did in that step).
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ HISTOGRAM_BINS = 64
 HISTOGRAM_RANGE = (-16.0, 0.0)
 # Inputs that belong to the caller (never freed here); everything else a measurement reads
 # is the point's own and is freed after its last reader.
-CALLER_OWNED = ("params", "probe_batch", "names", "key", "sample", "diagonal_here")
+CALLER_OWNED = ("params", "probe_batch", "names", "key", "sample", "diagonal_here",
+                "first_point")
 
 
 class Cost(NamedTuple):
@@ -61,6 +64,7 @@ class Shape(NamedTuple):
   lanczos_iterations: int
   diagonal_calls: float  # calls of ``width`` exact H_ii at this point
   blocks: int  # parameter blocks of the block split
+  block_spectrum_matvecs: float = 0.0  # blocks × samples × steps, times the share of points
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,12 +92,15 @@ class Programs(NamedTuple):
   landscape: Callable
   unit_vectors: Callable
   block_masks: Callable
+  preconditioned_top_eigenvalue: Callable
+  block_spectra: Callable
   names: list  # the probe directions' labels, in order
   width: int  # directions per second_derivatives call
 
 
 def make_programs(loss_fn, names, steps, lanczos_iterations, *, landscape_batch: int = 1,
-                  reverse=None) -> Programs:
+                  reverse=None, block_spectrum_steps: int = 16,
+                  block_spectrum_samples: int = 2) -> Programs:
   """The probe's compiled pieces for the loss (``loss_fn(params, batch)``, or an
   `optclip.microbatch.Objective`: every program then sums over micro-batches) and the probe
   ``names``; ``reverse`` (default: the same) is the objective of the reverse-mode programs
@@ -149,6 +156,23 @@ def make_programs(loss_fn, names, steps, lanczos_iterations, *, landscape_batch:
                                    iters=lanczos_iterations, key=key)
 
   @jax.jit
+  def preconditioned_top_eigenvalue(params, preconditioner, test_batch, key):
+    """λ_max(P⁻¹H) as that of P^(-1/2) H P^(-1/2) (`optclip.curvature`'s
+    `preconditioned_top_eigenvalue`, on this probe's micro-batched HVP)."""
+    scale = jax.tree.map(jax.lax.rsqrt, preconditioner)
+    scaled = lambda v: jax.tree.map(lambda s, x: (s * x).astype(x.dtype), scale, v)
+    return spectrum.top_eigenvalue(lambda v: scaled(hvp(params, scaled(v), test_batch)),
+                                   params, iters=lanczos_iterations, key=key)
+
+  @jax.jit
+  def block_spectra(params, test_batch, key):
+    """The SLQ density of each block's (by kind) diagonal Hessian block."""
+    return spectrum.block_spectral_densities(
+        lambda v: hvp(params, v, test_batch), params,
+        block_partition.partition(params, by="kind"), key=key,
+        num_matvecs=max(1, block_spectrum_steps), num_samples=block_spectrum_samples)
+
+  @jax.jit
   def attribution(params, sgd_update, test_grads, test_batch):
     """SGD's sharpness and its attribution to the top coordinates by |u| and by |g|; the
     modified directions (u without its top by |u|, u clipped, u without its top by |g|;
@@ -192,7 +216,8 @@ def make_programs(loss_fn, names, steps, lanczos_iterations, *, landscape_batch:
         for n, d in enumerate(jax.tree.leaves(stacked))])
 
   return Programs(first_order, second_derivatives, top_eigenvalue, attribution, landscape,
-                  unit_vectors, block_masks, list(names), width)
+                  unit_vectors, block_masks, preconditioned_top_eigenvalue, block_spectra,
+                  list(names), width)
 
 
 def _pad(stacked, count):
@@ -352,6 +377,27 @@ def _lambda_max(point: Point) -> dict:
                                                             point["key"]))}
 
 
+def _preconditioned_sharpness(point: Point) -> dict:
+  preconditioner = point["adam_preconditioner"]
+  if preconditioner is None:
+    return {"preconditioned_sharpness": None}
+  return {"preconditioned_sharpness": float(point.programs.preconditioned_top_eigenvalue(
+      point["params"], preconditioner, point["probe_batch"], point["key"]))}
+
+
+def _block_spectra(point: Point) -> dict:
+  if not point["first_point"]:
+    return {"block_spectra": None}
+  densities = jax.device_get(point.programs.block_spectra(point["params"],
+                                                          point["probe_batch"], point["key"]))
+  js = spectrum.js_distances(densities)
+  return {"block_spectra": {
+      "blocks": list(densities),
+      "nodes": [np.asarray(n).tolist() for n, _ in densities.values()],
+      "weights": [np.asarray(w).tolist() for _, w in densities.values()],
+      "js_distances": js.distances.tolist(), "js_mean": js.mean}}
+
+
 def _clip(point: Point) -> dict:
   return {"clip": jax.device_get(point["clip_statistics"])}
 
@@ -419,6 +465,25 @@ MEASUREMENTS = (
         programs=("top_eigenvalue",),
         cost=lambda s: Cost(hessian_vector_products=s.lanczos_iterations),
         off=lambda p: None if p.lanczos_iterations > 0 else "lanczos_iterations=0"),
+    Measurement(
+        "preconditioned_sharpness", ("params", "probe_batch", "key", "adam_preconditioner"),
+        _preconditioned_sharpness,
+        fields={"preconditioned_sharpness": "λ_max(P⁻¹H) of the probe-batch Hessian with "
+                                            "P = √v̂ + ε of the Adam probe's live state "
+                                            "(Lanczos; Cohen et al. 2022), or None without "
+                                            "an Adam probe"},
+        programs=("preconditioned_top_eigenvalue",),
+        cost=lambda s: Cost(hessian_vector_products=s.lanczos_iterations),
+        off=lambda p: None if p.lanczos_iterations > 0 else "lanczos_iterations=0"),
+    Measurement(
+        "block_spectra", ("params", "probe_batch", "key", "first_point"), _block_spectra,
+        fields={"block_spectra": "at a unit's first probe point (else None): {blocks (by "
+                                 "kind), nodes and weights: each block's SLQ quadrature, "
+                                 "js_distances: B × B Jensen-Shannon distances of the "
+                                 "smoothed densities, js_mean: their mean over pairs}"},
+        programs=("block_spectra",),
+        cost=lambda s: Cost(hessian_vector_products=s.block_spectrum_matvecs),
+        off=lambda p: None if p.block_spectrum_steps > 0 else "block_spectrum_steps=0"),
     Measurement(
         "clip", ("clip_statistics",), _clip,
         fields={"clip": "{clipped probe: {threshold, clipped_fraction, norm_before, "

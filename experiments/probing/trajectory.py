@@ -25,6 +25,7 @@ from experiments.artifacts import checkpoints
 from experiments.probing import measurements, pilot
 from experiments.probing.probes import PROBES, TRAJECTORIES, train_transform
 from experiments.training import loop
+from optclip import curvature
 
 EXPERIMENT = "trajectory"
 TRANSFORMER_TASKS = ("translation", "code")
@@ -68,17 +69,30 @@ def _programs(task, kind, preset, mesh=None) -> measurements.Programs:
   statistics, as the paper's code measures after ``model.eval()``)."""
   return _compiled_programs(task.model, kind, tuple(preset.landscape_steps),
                             preset.lanczos_iterations, preset.landscape_batch,
-                            task.preset.microbatch_size, task.preset.remat, mesh)
+                            task.preset.microbatch_size, task.preset.remat, mesh,
+                            preset.block_spectrum_steps, preset.block_spectrum_samples)
 
 
 @functools.lru_cache(maxsize=None)
 def _compiled_programs(model, kind, steps, lanczos_iterations, landscape_batch,
-                       microbatch_size, remat, mesh):
+                       microbatch_size, remat, mesh, block_spectrum_steps,
+                       block_spectrum_samples):
   """`_programs`, cached on exactly what the programs read."""
   objective = lambda remat: loop.model_objective(model, mesh, "eval", microbatch_size, remat)
   return measurements.make_programs(
       objective(""), [v.label for v in PROBES[kind]], steps, lanczos_iterations,
-      landscape_batch=landscape_batch, reverse=objective(remat))
+      landscape_batch=landscape_batch, reverse=objective(remat),
+      block_spectrum_steps=block_spectrum_steps,
+      block_spectrum_samples=block_spectrum_samples)
+
+
+# The Adam probe's own settings (optclip.adam's defaults, as `probe_optimizers` builds it).
+ADAM_B2, ADAM_EPS = 0.999, 1e-8
+
+
+@jax.jit
+def _adam_preconditioner(adam_state):
+  return curvature.adam_preconditioner(adam_state, b2=ADAM_B2, eps=ADAM_EPS)
 
 
 def probe_batch(test_batch, state):
@@ -174,6 +188,10 @@ def run(ctx, task, trajectory: str, seed: int, *, kind: str = "transformer",
         # trajectory itself goes on unchanged).
         next_batch = place_batch(next(task.epoch_batches(seed, epoch)))
         stacked, clip_statistics = directions(state, next_batch)
+        # Read before the states may go to disk: Adam's live P = √v̂ + ε (on the Adam
+        # trajectory the Adam probe is the optimizer that trains).
+        preconditioner = (_adam_preconditioner(state.opt_state.probes["adam"])
+                          if "adam" in names else None)
         # The probe reads only the parameters: where the optimizer states would crowd the
         # probe programs out of memory (GPT-Neo-125M's 20 probe states on a 24 GiB host),
         # they wait on disk meanwhile; they come back bit for bit.
@@ -184,7 +202,8 @@ def run(ctx, task, trajectory: str, seed: int, *, kind: str = "transformer",
                       probe_batch=probe_batch(test_batch, state), key=key, sample=sample,
                       diagonal_here=(preset.curvature_at == "every"
                                      or epoch == probe_epochs[-1]),
-                      clip_statistics=clip_statistics)
+                      first_point=epoch == probe_epochs[0],
+                      adam_preconditioner=preconditioner, clip_statistics=clip_statistics)
         del stacked  # measured, then freed by `measure`
         result = measurements.measure(programs, inputs, preset)
         metrics.log(EXPERIMENT, f"{unit}/epoch{epoch}/probe", **fields, epoch=epoch,
