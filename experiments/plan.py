@@ -254,15 +254,15 @@ def plan_trajectories(name, preset, layout: Layout, kind, epochs, probe_points,
   hvp = 2 * per_direction  # forward-over-reverse ≈ two forward-over-forward in cost
   diagonal = sum(min(preset.curvature_samples, x.size) for x in jax.tree.leaves(params))
   share = 1.0 if preset.curvature_at == "every" else 1 / max(1, len(preset.probe_epochs))
+  blocks = len(set(jax.tree.leaves(block_partition.partition(params))))
   shape = measurements.Shape(
       directions=found["k"], width=found["width"], steps=len(preset.landscape_steps),
       lanczos_iterations=preset.lanczos_iterations,
       diagonal_calls=math.ceil(diagonal / found["width"]) * share,
-      blocks=len(set(jax.tree.leaves(block_partition.partition(params)))),
+      blocks=blocks,
       # the block spectra run at a unit's first probe point only
-      block_spectrum_matvecs=(len(set(jax.tree.leaves(block_partition.partition(params))))
-                              * preset.block_spectrum_samples * preset.block_spectrum_steps
-                              / max(1, len(preset.probe_epochs))))
+      block_spectrum_matvecs=(blocks * preset.block_spectrum_samples
+                              * preset.block_spectrum_steps / max(1, len(preset.probe_epochs))))
   cost = measurements.point_cost(shape, preset)
   probe_flops = (cost.forwards * per_forward + cost.gradients * per_gradient
                  + cost.second_derivatives * per_direction + cost.hessian_vector_products * hvp

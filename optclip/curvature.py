@@ -107,8 +107,8 @@ def hessian_eigenpairs(loss_fn: Callable, params, k: int, *, key=None,
                        num_matvecs: int | None = None):
   """The ``k`` largest eigenvalues of ∇²f(x), descending, and unit eigenvectors.
 
-  Lanczos on Hessian-vector products (matfree on unsharded parameters, leaf by leaf on
-  explicitly sharded ones); see `optclip.spectrum.eigenpairs`.
+  Lanczos on Hessian-vector products, leaf by leaf (also on explicitly sharded
+  parameters); see `optclip.spectrum.eigenpairs`.
 
   Args:
     loss_fn: params -> scalar loss.
@@ -324,9 +324,8 @@ def preconditioned_top_eigenvalue(loss_fn: Callable, params, preconditioner, *,
   References:
     Cohen et al., Adaptive Gradient Methods at the Edge of Stability, 2022 (arXiv 2207.14484).
   """
-  scale = jax.tree.map(lambda p: jax.lax.rsqrt(p), preconditioner)
-  scaled = lambda v: jax.tree.map(lambda s, x: (s * x).astype(x.dtype), scale, v)
-  matvec = lambda v: scaled(hessian_vector_product(loss_fn, params, scaled(v)))
+  matvec = spectrum.preconditioned(lambda v: hessian_vector_product(loss_fn, params, v),
+                                   preconditioner)
   return spectrum.top_eigenvalue(matvec, params, iters=iters, key=key)
 
 

@@ -26,8 +26,8 @@ from matfree import stochtrace
 from optclip.sharding import explicit_spec
 
 __all__ = ["JensenShannon", "TraceEstimate", "block_spectral_densities", "density_curve",
-           "eigenpairs", "js_distances", "lanczos", "spectral_density", "top_eigenvalue",
-           "trace"]
+           "eigenpairs", "js_distances", "lanczos", "preconditioned", "spectral_density",
+           "top_eigenvalue", "trace"]
 
 
 def _unsharded(like, what: str):
@@ -66,12 +66,17 @@ def _like(value, leaf):
   return value if spec is None else jax.sharding.reshard(value, spec)
 
 
+def _stacked_like(stacked, leaf):
+  """``stacked`` (a leading axis, then ``leaf``'s shape) sharded like ``leaf`` on its own
+  axes where an explicit-sharding mesh splits ``leaf``."""
+  spec = explicit_spec(leaf)
+  return stacked if spec is None else jax.sharding.reshard(
+      stacked, jax.sharding.PartitionSpec(None, *spec))
+
+
 def _stacked_zeros(leaf, count: int):
   """Zeros of shape (count, *leaf.shape), sharded like ``leaf`` on its own axes."""
-  spec = explicit_spec(leaf)
-  zeros = jnp.zeros((count,) + jnp.shape(leaf), jnp.result_type(leaf))
-  return zeros if spec is None else jax.sharding.reshard(
-      zeros, jax.sharding.PartitionSpec(None, *spec))
+  return _stacked_like(jnp.zeros((count,) + jnp.shape(leaf), jnp.result_type(leaf)), leaf)
 
 
 def lanczos(matvec: Callable, start, num_steps: int):
@@ -119,10 +124,7 @@ def lanczos(matvec: Callable, start, num_steps: int):
     alpha = _tree_dot(w, v)
     w = jax.tree.map(lambda a, b, c: (a - alpha * b - beta * c).astype(b.dtype), w, v, v_prev)
     # Full reorthogonalization against the stored basis (rows beyond i are zero).
-    # Products and sums, not tensordot: a contraction over a sharded axis raises under
-    # explicit sharding, an elementwise product summed over it does not.
-    coeffs = sum(jnp.sum(b * x[None], axis=tuple(range(1, b.ndim)))
-                 for b, x in zip(jax.tree.leaves(basis), jax.tree.leaves(w)))
+    coeffs = _stacked_dots(basis, w)
     w = jax.tree.map(
         lambda x, b: x - jnp.sum(coeffs.reshape((-1,) + (1,) * x.ndim) * b, axis=0).astype(
             x.dtype), w, basis)
@@ -162,8 +164,21 @@ def _unit_normal_like(key, like, mask=None):
   return jax.tree.map(lambda v: v / norm, start)
 
 
-def _sharded(like) -> bool:
-  return any(explicit_spec(x) is not None for x in jax.tree.leaves(like))
+def preconditioned(matvec: Callable, preconditioner) -> Callable:
+  """v -> P^(-1/2) A P^(-1/2) v for a positive diagonal P (a pytree like the vectors): the
+  symmetric operator similar to P⁻¹A, so Lanczos on it finds P⁻¹A's eigenvalues.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from optclip import spectrum
+    >>> a = jnp.diag(jnp.array([6., 2.]))
+    >>> pa = spectrum.preconditioned(lambda v: a @ v, jnp.array([6., 0.5]))
+    >>> [round(float(x), 4) for x in pa(jnp.ones(2))]
+    [1.0, 4.0]
+  """
+  scale = jax.tree.map(jax.lax.rsqrt, preconditioner)
+  scaled = lambda v: jax.tree.map(lambda s, x: (s * x).astype(x.dtype), scale, v)
+  return lambda v: scaled(matvec(scaled(v)))
 
 
 def top_eigenvalue(matvec: Callable, like, *, iters: int = 30, key=None) -> jax.Array:
@@ -261,7 +276,7 @@ def trace(matvec: Callable, like, *, key=None, num_matvecs: int = 60,
   (Q = orth(A S)), tr(QᵀAQ) is exact on it, and Hutchinson with the remaining products
   estimates the rest, tr((I - QQᵀ)A(I - QQᵀ)); its standard error is that part's.
   ``"xtrace"``: matfree's XTrace (Epperly et al. 2024), Hutch++'s exchangeable successor.
-  ``"hutchinson"``: matfree's plain Monte Carlo estimator with Rademacher vectors.
+  ``"hutchinson"``: the plain Monte Carlo estimator with Rademacher vectors.
   With at least the dimension of products, the trace is computed exactly. Hutch++ and
   Hutchinson work leaf by leaf (also on explicitly sharded vectors: the sketch is
   orthonormalised through its small Gram matrix); XTrace flattens and needs unsharded ones.
@@ -333,15 +348,15 @@ def _stacked_signs(key, like, count: int):
   keys = jax.random.split(key, len(leaves))
   stacked = []
   for k, leaf in zip(keys, leaves):
-    signs = jax.random.rademacher(k, (count,) + jnp.shape(leaf), jnp.result_type(leaf))
-    spec = explicit_spec(leaf)
-    stacked.append(signs if spec is None else jax.sharding.reshard(
-        signs, jax.sharding.PartitionSpec(None, *spec)))
+    stacked.append(_stacked_like(jax.random.rademacher(
+        k, (count,) + jnp.shape(leaf), jnp.result_type(leaf)), leaf))
   return jax.tree.unflatten(treedef, stacked)
 
 
 def _stacked_dots(stacked, vector):
-  """⟨row_i, vector⟩ for every row of a stacked pytree: shape (rows,)."""
+  """⟨row_i, vector⟩ for every row of a stacked pytree: shape (rows,). Products and sums,
+  not tensordot: a contraction over a sharded axis raises under explicit sharding, an
+  elementwise product summed over it does not."""
   return sum(jnp.sum(s * v[None].astype(s.dtype), axis=tuple(range(1, s.ndim)))
              for s, v in zip(jax.tree.leaves(stacked), jax.tree.leaves(vector)))
 
@@ -475,7 +490,7 @@ def block_spectral_densities(matvec: Callable, like, labels, *, key=None,
     restricted = lambda v: jax.tree.map(lambda m, x: (m * x).astype(x.dtype), mask, matvec(v))
     return _density(restricted, like, keys, num, mask)
 
-  nodes, weights = jax.lax.map(one_block, jax.tree.map(lambda m: m, masks))
+  nodes, weights = jax.lax.map(one_block, masks)
   return {name: (nodes[i], weights[i]) for i, name in enumerate(names)}
 
 

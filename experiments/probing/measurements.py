@@ -157,12 +157,10 @@ def make_programs(loss_fn, names, steps, lanczos_iterations, *, landscape_batch:
 
   @jax.jit
   def preconditioned_top_eigenvalue(params, preconditioner, test_batch, key):
-    """λ_max(P⁻¹H) as that of P^(-1/2) H P^(-1/2) (`optclip.curvature`'s
-    `preconditioned_top_eigenvalue`, on this probe's micro-batched HVP)."""
-    scale = jax.tree.map(jax.lax.rsqrt, preconditioner)
-    scaled = lambda v: jax.tree.map(lambda s, x: (s * x).astype(x.dtype), scale, v)
-    return spectrum.top_eigenvalue(lambda v: scaled(hvp(params, scaled(v), test_batch)),
-                                   params, iters=lanczos_iterations, key=key)
+    """λ_max(P⁻¹H) (`optclip.curvature.preconditioned_top_eigenvalue` on this probe's
+    micro-batched HVP)."""
+    matvec = spectrum.preconditioned(lambda v: hvp(params, v, test_batch), preconditioner)
+    return spectrum.top_eigenvalue(matvec, params, iters=lanczos_iterations, key=key)
 
   @jax.jit
   def block_spectra(params, test_batch, key):
@@ -170,7 +168,7 @@ def make_programs(loss_fn, names, steps, lanczos_iterations, *, landscape_batch:
     return spectrum.block_spectral_densities(
         lambda v: hvp(params, v, test_batch), params,
         block_partition.partition(params, by="kind"), key=key,
-        num_matvecs=max(1, block_spectrum_steps), num_samples=block_spectrum_samples)
+        num_matvecs=block_spectrum_steps, num_samples=block_spectrum_samples)
 
   @jax.jit
   def attribution(params, sgd_update, test_grads, test_batch):

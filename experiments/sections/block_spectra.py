@@ -29,33 +29,33 @@ RULE = ("JS⁰ = the mean Jensen-Shannon distance between the blocks' smoothed S
         "median does, not reproduced otherwise; inconclusive without a ResNet run")
 
 
-def _first_points(records) -> dict:
-  """{(kind, task): [probe records carrying block spectra]}."""
+def _probe_points(records) -> dict:
+  """{(kind, task): every probe record of the task's units}."""
   out = collections.defaultdict(list)
   for kind in ("transformer", "resnet"):
     for (task, _), by_epoch in sorted(probing.grouped(records, kind).items()):
       for runs in by_epoch.values():
-        out[(kind, task)] += [r for r in runs if r.get("block_spectra")]
+        out[(kind, task)] += runs
   return out
 
 
 def write(out: str, records):
-  points = _first_points(records)
-  if not any(points.values()):
-    return None
+  points = _probe_points(records)
   rows, medians = [], {}
-  for (kind, task), runs in sorted(points.items()):
+  for (kind, task), every in sorted(points.items()):
+    runs = [r for r in every if r.get("block_spectra")]
     if not runs:
       continue
     js = [r["block_spectra"]["js_mean"] for r in runs]
     medians[(kind, task)] = float(np.median(js))
-    gaps = [probing.ratios(r)["adam"] for by_epoch in probing.grouped(records, kind).values()
-            for rs in by_epoch.values() for r in rs if r["task"] == task]
+    gaps = [probing.ratios(r)["adam"] for r in every]
     low, high = bootstrap_interval(np.asarray(js), np.median)
     rows.append([kind, task, len(runs), ", ".join(runs[0]["block_spectra"]["blocks"]),
                  medians[(kind, task)], low, high,
                  float(np.median(gaps)) if gaps else float("nan")])
     _plot(out, kind, task, runs[0])
+  if not rows:
+    return None
   table = write_table(out, "block_spectra",
                       ["kind", "task", "units", "blocks", "JS⁰ (median)", "90% low",
                        "90% high", "Adam/SGD sharpness (median)"], rows)
