@@ -86,7 +86,7 @@ def test_measurement_declarations_hold_together():
   """Every measurement reads only the point's inputs or what an earlier one produces, and
   documents every record field it writes."""
   available = {"params", "directions", "names", "probe_batch", "key", "sample",
-               "diagonal_here", "clip_statistics"}
+               "diagonal_here", "first_point", "adam_preconditioner", "clip_statistics"}
   for m in measurements.MEASUREMENTS:
     assert set(m.reads) <= available, (m.name, set(m.reads) - available)
     available |= set(m.produces)
