@@ -204,6 +204,7 @@ def test_block_partition_of_the_attention_model_has_the_kinds():
   assert kinds == {"embedding", "norm", "query/key", "value/output", "mlp", "head"}
 
 
+@pytest.mark.slow  # minutes on 2 cores: outside the default suite's budget
 def test_leaf_by_leaf_spectra_on_sharded_parameters_equal_the_unsharded_ones():
   """Density, block densities, Hutch++ and Hutchinson traces, eigenpairs and the
   preconditioned sharpness under `jax.set_mesh` on 2x4, 1x8 and 8x1 meshes equal the
