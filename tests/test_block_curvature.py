@@ -92,7 +92,8 @@ def _supported(nodes, weights):
   return nodes[weights > 1e-7]
 
 
-@pytest.mark.parametrize("model", [_mlp, _attention])
+@pytest.mark.parametrize("model", [
+    _mlp, pytest.param(_attention, marks=pytest.mark.slow)])  # attention: 30 s on 2 cores
 def test_block_spectra_equal_the_dense_blocks_eigenvalues(model):
   loss, params = model()
   labels = blocks.partition(params, by="layer/kind")
@@ -204,7 +205,7 @@ def test_block_partition_of_the_attention_model_has_the_kinds():
   assert kinds == {"embedding", "norm", "query/key", "value/output", "mlp", "head"}
 
 
-@pytest.mark.slow  # minutes on 2 cores: outside the default suite's budget
+@pytest.mark.slow  # long on 2 cores (45-210 s): outside the default suite's budget
 def test_leaf_by_leaf_spectra_on_sharded_parameters_equal_the_unsharded_ones():
   """Density, block densities, Hutch++ and Hutchinson traces, eigenpairs and the
   preconditioned sharpness under `jax.set_mesh` on 2x4, 1x8 and 8x1 meshes equal the

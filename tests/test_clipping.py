@@ -178,6 +178,7 @@ class HardDistributionsTest(chex.TestCase):
   """Trees that defeat the search's interpolation: clusters of near-ties, scales 10^±20,
   large tie masses beside subnormals, NaN/Inf among many coordinates."""
 
+  @pytest.mark.slow  # long on 2 cores (25-50 s): outside the default suite's budget
   def test_against_numpy_sort(self):
     rng = np.random.default_rng(8)
     threshold = jax.jit(lambda t, f, p: optclip.clip_threshold(t, f, per_leaf=p),
@@ -308,6 +309,7 @@ class CoordClipTest(chex.TestCase):
     np.testing.assert_allclose(out, -1e-2 * np.minimum(np.arange(1.0, 21.0), 19.0))
 
 
+@pytest.mark.slow  # long on 2 cores (25-50 s): outside the default suite's budget
 def test_gather_free_path_matches_numpy():
   """The selection used for sharded leaves (first pivots from the mean, no sample) is exact
   too."""

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from experiments.training import loop, sweep
 from experiments.training.variants import Variant
@@ -40,6 +41,7 @@ def _alone(loss_fn, tx, params, data, seed, epochs, batch_size):
   return losses, state.params
 
 
+@pytest.mark.slow  # long on 2 cores (25-50 s): outside the default suite's budget
 def test_vectorised_sweep_equals_separate_runs():
   """Every copy of one compiled program (its own rate and data) trains as that run alone
   with the ordinary loop: within 1e-5 with the same (rate-injected) optimizer (vmapped

@@ -219,6 +219,7 @@ def _assert_same_metrics(out, reference_records, kind):
     assert resumed[key] == reference[key], key
 
 
+@pytest.mark.slow  # long on 2 cores (25-50 s): outside the default suite's budget
 def test_translation_task_starts_from_a_checkpoint_folder_with_its_tokenizer(tmp_path):
   """--checkpoint translation=FOLDER: the folder's tokenizer encodes the data and its weights
   are every seed's starting point; a folder of the wrong family is refused by name."""

@@ -47,7 +47,7 @@ def test_a_cut_line_loses_no_complete_record_and_none_written_after_it(tmp_path)
     assert f.read() == lines[-1][:len(lines[-1]) // 2] + "\n"
 
 
-@pytest.mark.slow  # minutes on 2 cores: outside the default suite's budget
+@pytest.mark.slow  # long on 2 cores (45-210 s): outside the default suite's budget
 def test_a_full_disk_while_checkpointing_names_the_folder_and_keeps_the_previous(
     tmp_path, monkeypatch, capsys):
   """The second save runs out of room (orbax's temporary folder half written, then its

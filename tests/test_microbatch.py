@@ -73,7 +73,7 @@ def test_loss_and_gradient(name):
     assert abs(np.mean(means) - float(value)) > 1e-3
 
 
-@pytest.mark.slow  # minutes on 2 cores: outside the default suite's budget
+@pytest.mark.slow  # long on 2 cores (45-210 s): outside the default suite's budget
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_second_order_probes(name):
   model, params, batch = _setup(name)

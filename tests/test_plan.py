@@ -50,7 +50,7 @@ def test_plan_refuses_bad_arguments_with_exit_2(capsys):
   assert "--tasks" in capsys.readouterr().err
 
 
-@pytest.mark.slow  # minutes on 2 cores: outside the default suite's budget
+@pytest.mark.slow  # long on 2 cores (45-210 s): outside the default suite's budget
 def test_the_planned_peak_is_within_25_percent_of_the_measured_one():
   """The planner's peak of a compiled program (XLA's memory analysis: arguments + outputs +
   temporaries - aliased) against the resident memory the call really adds on this CPU, plus
