@@ -211,7 +211,8 @@ def _compile_trajectory_programs(name, preset, layout: Layout, kind: str) -> dic
               "optimizer states": tree_bytes(state.opt_state)}
   resident = {key: value / layout.devices for key, value in resident.items()}
   return {"memory": memory, "resident": resident, "params": params, "model": model,
-          "batch": batch, "probe_batch": probe_batch, "state": state, "k": k, "width": width}
+          "batch": batch, "probe_batch": probe_batch, "state": state, "k": k, "width": width,
+          "names": list(programs.names)}
 
 
 def _phases(found: dict, usable: float | None) -> dict:
@@ -260,6 +261,7 @@ def plan_trajectories(name, preset, layout: Layout, kind, epochs, probe_points,
       lanczos_iterations=preset.lanczos_iterations,
       diagonal_calls=math.ceil(diagonal / found["width"]) * share,
       blocks=blocks,
+      block_directions=len(measurements.block_directions(found["names"], preset)),
       # the block spectra run at a unit's first probe point only
       block_spectrum_matvecs=(blocks * preset.block_spectrum_samples
                               * preset.block_spectrum_steps / max(1, len(preset.probe_epochs))))

@@ -286,6 +286,12 @@ def test_the_cli_refuses_a_microbatch_size_that_does_not_divide_with_exit_2(tmp_
   err = capsys.readouterr().err
   assert "translation.microbatch_size" in err and "[1, 2, 4, 8, 16]" in err, err
   assert not out.exists()
+  # a block split of an update no probe takes: refused the same way, naming the field
+  assert main(["sharpness", "--preset", "smoke", "--out", str(out),
+               "--set", "block_sharpness_directions=('sgd', 'adamw')"]) == 2
+  err = capsys.readouterr().err
+  assert "block_sharpness_directions" in err and "'sign sgd'" in err, err
+  assert not out.exists()
 
 
 def test_on_a_mesh_a_microbatch_that_is_not_a_multiple_of_the_devices_is_refused(tmp_path):

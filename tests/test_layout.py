@@ -196,3 +196,33 @@ def test_report_marks_a_switched_off_measurement_as_not_run(tmp_path, field):
   text = report.build(str(out))
   assert f"### {section}: not run" in text and f"switched off by {field}" in text
   assert f"{section}: **not run**" in text
+
+
+def test_block_sharpness_section_shows_every_split_direction_and_says_when_it_cannot_judge(
+    tmp_path):
+  """A run that split every probe update gets a row per update (the four the verdict reads
+  first); one whose split left out SGD gets its table and a not-run verdict, not a crash."""
+  from experiments.sections import block_sharpness
+  rng = np.random.default_rng(1)
+  labels = [v.label for v in probes.PROBES["transformer"]]
+  (tmp_path / "tables").mkdir()
+
+  def run(directions):
+    made = []
+    for epoch in (1, 2):
+      record = _probe_record("translation", "sgd", 0, epoch, rng)
+      record["block_sharpness"] = {"directions": directions, "blocks": ["embedding", "mlp"],
+                                   "diagonal": rng.random((len(directions), 2)).tolist(),
+                                   "cross_share": list(rng.random(len(directions)))}
+      made.append(record)
+    return block_sharpness.write(str(tmp_path), made)
+
+  text, verdicts = run(labels)
+  rows = [line.split("|")[3].strip() for line in text.splitlines()
+          if line.startswith("| translation")]
+  assert rows[:4] == list(block_sharpness.SHOWN) and sorted(rows) == sorted(labels)
+  assert verdicts[0].status in ("reproduced", "partly reproduced", "not reproduced")
+  text, verdicts = run(["adam", "lion"])
+  assert [line.split("|")[3].strip() for line in text.splitlines()
+          if line.startswith("| translation")] == ["adam", "lion"]
+  assert verdicts[0].status == "not run" and "block_sharpness_directions" in str(verdicts[0])

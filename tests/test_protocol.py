@@ -10,6 +10,7 @@ from jax.flatten_util import ravel_pytree
 from experiments import presets, tasks
 from experiments.probing import measurements, probes, trajectory
 from experiments.sections import rmed, sharpness, theory
+from optclip import blocks
 
 
 def _rows(data):
@@ -195,3 +196,49 @@ def test_scale_trend_rule():
   assert scaling.trend([-0.3, 0.1, -0.01], 0.003) == "toward"  # magnitudes
   assert scaling.trend([0.2, 0.3, 0.45], 0.5) == "toward"
   assert scaling.trend([0.45, 0.3, 0.2], 0.5) == "away"
+
+
+@pytest.mark.parametrize("chosen", [(), ("b",)])
+def test_block_split_equals_the_dense_hessians_blocks_for_every_chosen_direction(chosen):
+  """u_bᵀHu_b/‖u‖² from the block split equals the dense Hessian's block quadratic forms,
+  for every probe update when the preset names none, for the named ones otherwise."""
+  import types
+  rng = np.random.default_rng(5)
+  params = {"wte": {"embedding": jnp.asarray(rng.standard_normal((6, 3)), jnp.float32)},
+            "mlp": {"fc_in": {"kernel": jnp.asarray(rng.standard_normal((3, 4)) * 0.5,
+                                                    jnp.float32)}},
+            "ln_f": {"scale": jnp.asarray(1 + 0.1 * rng.standard_normal(4), jnp.float32)}}
+  batch = {"ids": jnp.asarray(rng.integers(0, 6, 8)), "y": jnp.asarray(rng.integers(0, 4, 8))}
+
+  def loss(p, b):
+    h = jnp.tanh(p["wte"]["embedding"][b["ids"]] @ p["mlp"]["fc_in"]["kernel"])
+    logits = h * p["ln_f"]["scale"]
+    return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(8), b["y"]])
+
+  names = ["a", "b", "c"]
+  flat, unravel = ravel_pytree(params)
+  dense = np.asarray(jax.hessian(lambda f: loss(unravel(f), batch))(flat), np.float64)
+  vectors = rng.standard_normal((3, flat.size)).astype(np.float32)
+  directions = jax.tree.map(lambda *d: jnp.stack(d), *[unravel(jnp.asarray(v)) for v in vectors])
+  norm_sq = (vectors.astype(np.float64) ** 2).sum(axis=1)
+  sharp = np.einsum("ki,ij,kj->k", vectors, dense, vectors) / norm_sq
+  programs = measurements.make_programs(loss, names, (0.0, 0.1), 4)
+  point = measurements.Point(programs, dict(params=params, probe_batch=batch, names=names,
+                                            directions=directions, norm_sq=norm_sq,
+                                            sharpness=sharp),
+                             types.SimpleNamespace(block_sharpness_directions=chosen))
+  split = measurements.BY_NAME["block_sharpness"].run(point)["block_sharpness"]
+  expected = list(chosen) or names
+  assert split["directions"] == expected and sorted(split["blocks"]) == ["embedding", "mlp",
+                                                                         "norm"]
+  # which coordinates of the flat vector belong to which block (ravel_pytree's leaf order)
+  owner = np.concatenate([np.full(leaf.size, label) for leaf, label in zip(
+      jax.tree.leaves(params), jax.tree.leaves(blocks.partition(params)))])
+  for row, name in zip(split["diagonal"], expected):
+    u = vectors[names.index(name)].astype(np.float64)
+    for value, block in zip(row, split["blocks"]):
+      u_b = np.where(owner == block, u, 0.0)
+      np.testing.assert_allclose(value, u_b @ dense @ u_b / (u @ u), rtol=2e-4, atol=1e-6)
+    np.testing.assert_allclose(
+        split["cross_share"][expected.index(name)],
+        1 - sum(row) / sharp[names.index(name)], rtol=1e-4, atol=1e-6)

@@ -38,8 +38,6 @@ from optclip.microbatch import as_objective
 
 ROBUST_DELTA = 0.01  # Appendix B, Eq. (4)
 ATTRIBUTION_FRACTIONS = (0.001, 0.01, 0.05, 0.1, 0.5)
-# The directions the block split is taken for (what its section shows).
-BLOCK_DIRECTIONS = ("sgd", "sgd, clip grad 0.1", "adam", "adam, clip grad 0.5")
 HISTOGRAM_BINS = 64
 HISTOGRAM_RANGE = (-16.0, 0.0)
 # Inputs that belong to the caller (never freed here); everything else a measurement reads
@@ -64,6 +62,7 @@ class Shape(NamedTuple):
   lanczos_iterations: int
   diagonal_calls: float  # calls of ``width`` exact H_ii at this point
   blocks: int  # parameter blocks of the block split
+  block_directions: int = 0  # directions the block split is taken for
   block_spectrum_matvecs: float = 0.0  # blocks × samples × steps, times the share of points
 
 
@@ -278,12 +277,19 @@ def block_labels(params) -> list:
   return labels, list(dict.fromkeys(labels))
 
 
+def block_directions(names, preset) -> list:
+  """The labels among ``names`` whose sharpness is split over blocks: the preset's
+  ``block_sharpness_directions``, or every probe update where it names none."""
+  wanted = getattr(preset, "block_sharpness_directions", ())
+  return [n for n in names if not wanted or n in wanted]
+
+
 def _block_sharpness(point: Point) -> dict:
-  """u_bᵀ∇²f u_b / ‖u‖² for the directions of BLOCK_DIRECTIONS and every block b (u_b: u on
-  b's leaves only), and the cross terms' share 1 − Σ_b u_bᵀ∇²f u_b / uᵀ∇²f u."""
+  """u_bᵀ∇²f u_b / ‖u‖² for every probe update of `block_directions` and every block b (u_b:
+  u on b's leaves only), and the cross terms' share 1 − Σ_b u_bᵀ∇²f u_b / uᵀ∇²f u."""
   programs, names = point.programs, point["names"]
   labels, blocks = block_labels(point["params"])
-  chosen = [names.index(n) for n in BLOCK_DIRECTIONS if n in names]
+  chosen = [names.index(n) for n in block_directions(names, point.preset)]
   pairs = [(k, b) for k in chosen for b in range(len(blocks))]
   values = np.zeros((len(names), len(blocks)))
   for start in range(0, len(pairs), programs.width):
@@ -429,12 +435,13 @@ MEASUREMENTS = (
     Measurement(
         "block_sharpness", ("params", "directions", "probe_batch", "names", "norm_sq",
                             "sharpness"), _block_sharpness,
-        fields={"block_sharpness": "{directions: the D directions split (BLOCK_DIRECTIONS), "
+        fields={"block_sharpness": "{directions: the D directions split (the preset's "
+                                   "block_sharpness_directions, or every probe update), "
                                    "blocks: the parameter blocks by kind, diagonal: D × B "
                                    "values u_bᵀ∇²f u_b/‖u‖², cross_share: per direction "
                                    "1 − Σ_b diagonal / sharpness}"},
         programs=("block_masks", "second_derivatives"),
-        cost=lambda s: Cost(second_derivatives=s.width * -(-len(BLOCK_DIRECTIONS) * s.blocks
+        cost=lambda s: Cost(second_derivatives=s.width * -(-s.block_directions * s.blocks
                                                            // s.width))),
     Measurement("sgd_direction", ("directions", "names"), _sgd_direction,
                 produces=("sgd_update",)),
