@@ -1,7 +1,8 @@
 """Two JAX processes on this machine (4 CPU devices each, jax.distributed on localhost, gloo
 collectives) against one: the sharded clipped-Adam step, the clipping threshold and a
 K-direction sharpness on a data=2,fsdp=4 mesh spanning both processes equal the
-single-process results (bit for bit for the threshold, 1e-6 for the rest), and an orbax
+single-process results (bit for bit for the threshold, 1e-6 for the rest), so do the
+curvature suite's Lanczos and SLQ estimates (rtol 1e-5; density moments), and an orbax
 checkpoint written by the two processes restores in one (tests/multiprocess/worker.py); when
 one process dies the other stops within the heartbeat timeout, naming it."""
 
@@ -49,6 +50,23 @@ def test_two_processes_equal_one(tmp_path):
   assert len(updates) == 4
   for key in updates:
     np.testing.assert_allclose(multi[key], one[key], rtol=1e-6, atol=1e-12, err_msg=key)
+  # The curvature suite's pytree Lanczos and SLQ across both processes: the same estimates.
+  curvature = [k for k in one.files if k.startswith("curvature_")]
+  vectors = [k for k in curvature if k.startswith("curvature_eigenvectors_")]
+  assert len(vectors) == 4 and len(curvature) == 15, curvature
+  # Eigenvectors are defined up to sign: |⟨v_two, v_one⟩| = 1 over all leaves, per pair.
+  overlap = sum(np.sum((multi[k] * one[k]).reshape(2, -1), axis=1) for k in vectors)
+  np.testing.assert_allclose(np.abs(overlap), 1.0, atol=1e-5)
+  for key in sorted(set(curvature) - set(vectors)):
+    if "weights" in key:  # quadrature weights amplify rounding; their moments agree
+      nodes = key.replace("weights", "nodes")
+      for power in range(1, 5):
+        np.testing.assert_allclose(np.sum(multi[key] * multi[nodes] ** power),
+                                   np.sum(one[key] * one[nodes] ** power), rtol=1e-5,
+                                   err_msg=f"{key} moment {power}")
+      continue
+    np.testing.assert_allclose(multi[key], one[key], rtol=1e-5,
+                               atol=1e-6 * float(np.max(np.abs(one[key]))), err_msg=key)
   # The checkpoint the two processes wrote, restored by one, holds the original parameters.
   restored = [k for k in one.files if k.startswith("restored_")]
   assert len(restored) == 4
