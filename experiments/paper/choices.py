@@ -30,6 +30,7 @@ def choices(config: dict) -> list:
   rates = values.get("trajectory_learning_rates", {})
   held_out = values.get("probe_batch", "train") != "train"
   masked = task("code").get("mask_probability", 0.0)
+  split = values.get("block_sharpness_directions")
   return [Choice(*fields).line() for fields in (
       ("Probe batch", "Appendix B.3 \"Test Batch\", Section 5: a test batch stands in for the "
        "full-batch objective",
@@ -122,4 +123,9 @@ def choices(config: dict) -> list:
        "a fraction of 1 zeroes the gradient (`clip_top_coordinates`)",
        "one threshold over all parameters, k = ⌈fraction·n⌉, ties at τ clipped to τ; at 100% "
        "every coordinate is clipped to the smallest |g|"),
+      ("Block split of directional sharpness (beyond the paper)", "silent: Section 4 "
+       "attributes sharpness to the top coordinates, not to named blocks", "",
+       "u_bᵀHu_b/‖u‖² per parameter kind for "
+       + (f"the probe updates {'; '.join(split)}" if split else "every probe update")
+       + " at every probe point"),
   )]
