@@ -77,16 +77,16 @@ def mesh_from_spec(spec: str | Mapping[str, int], devices: Sequence | None = Non
 
 def fsdp_spec(shape: Sequence[int], mesh: Mesh, axis: str = "fsdp",
               min_size: int = MIN_SHARDED_SIZE) -> PartitionSpec:
-  """Shards the largest dimension divisible by the axis size; replicates small leaves."""
+  """Shards the largest dimension divisible by the axis size; replicates small leaves.
+
+  The spec names every dimension (``P(None, None)``, not ``P()``): that is how a jitted
+  program's outputs spell their sharding, and `jax.jit` keys its cache on the spelling, so a
+  state placed as ``P()`` would compile the step a second time when it comes back."""
   size = mesh.shape.get(axis, 1)
-  if size == 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
-    return PartitionSpec()
-  candidates = [(dim, i) for i, dim in enumerate(shape) if dim % size == 0]
-  if not candidates:
-    return PartitionSpec()
-  _, index = max(candidates)
   spec = [None] * len(shape)
-  spec[index] = axis
+  candidates = [(dim, i) for i, dim in enumerate(shape) if dim % size == 0]
+  if size > 1 and int(np.prod(shape, dtype=np.int64)) >= min_size and candidates:
+    spec[max(candidates)[1]] = axis
   return PartitionSpec(*spec)
 
 
@@ -114,7 +114,7 @@ def batch_spec_for(shape: Sequence[int], mesh: Mesh,
     chosen = tuple(present[:count])
     if shape[0] % int(np.prod([mesh.shape[a] for a in chosen])) == 0:
       return batch_spec(len(shape), chosen if len(chosen) > 1 else chosen[0])
-  return PartitionSpec()
+  return PartitionSpec(*([None] * len(shape)))  # every dimension named: see `fsdp_spec`
 
 
 def shard_batch(batch: Any, mesh: Mesh, axes: Sequence[str] = ("data", "fsdp")) -> Any:
