@@ -26,15 +26,12 @@ Usage: python -m benchmarks.block_spectra [--model gpt-neo-tiny] [--batch 8] [--
 
 import argparse
 import collections
-import os
-import tempfile
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-import optclip.models as models
+from benchmarks import language_model
 from benchmarks.timing import interleaved_ms, median_ratio
 from optclip import blocks, curvature
 
@@ -60,14 +57,8 @@ def main(argv=None):
   parser.add_argument("--no-torch", action="store_true", help="skip hessian-eigenthings")
   args = parser.parse_args(argv)
 
-  model = models.create(args.model)
-  params = models.init_params(model, jax.random.PRNGKey(0))
-  rng = np.random.default_rng(0)
-  ids = rng.integers(0, model.config.vocab_size, (args.batch, args.length)).astype(np.int64)
-  batch = {"input_ids": jnp.asarray(ids, jnp.int32),
-           "attention_mask": jnp.ones(ids.shape, jnp.int32),
-           "labels": jnp.asarray(ids, jnp.int32)}
-  loss = lambda p: models.make_loss_fn(model)(p, batch)
+  problem = language_model.gpt_neo(args.model, args.batch, args.length)
+  params, ids, loss = problem.params, problem.ids, problem.loss
   labels = blocks.partition(params)
   sizes = collections.Counter()
   for label, leaf in zip(jax.tree.leaves(labels), jax.tree.leaves(params)):
@@ -104,12 +95,8 @@ def main(argv=None):
 
   import hessian_eigenthings as he
   import torch
-  import transformers
   torch.manual_seed(0)
-  folder = tempfile.mkdtemp()
-  models.save_pretrained(os.path.join(folder, "ckpt"), model, params)
-  torch_model = transformers.GPTNeoForCausalLM.from_pretrained(os.path.join(folder, "ckpt"))
-  torch_model.eval()
+  torch_model = language_model.torch_twin(problem)
   t_ids = torch.as_tensor(ids)
   data = [{"input_ids": t_ids, "labels": t_ids}]
   # The same blocks by the same rules on the Hugging Face names (a tied lm_head is wte).

@@ -16,15 +16,12 @@ Usage: python -m benchmarks.curvature [--model gpt-neo-tiny] [--batch 8] [--leng
 """
 
 import argparse
-import os
-import tempfile
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-import optclip.models as models
+from benchmarks import language_model
 from optclip import curvature
 
 EIGEN_BUDGETS = (10, 15, 20, 30, 40, 60, 80, 120)
@@ -64,20 +61,10 @@ def main(argv=None):
   args = parser.parse_args(argv)
 
   import torch
-  import transformers
   torch.manual_seed(0)
-  model = models.create(args.model)
-  params = models.init_params(model, jax.random.PRNGKey(0))
-  folder = tempfile.mkdtemp()
-  models.save_pretrained(os.path.join(folder, "ckpt"), model, params)
-  torch_model = transformers.GPTNeoForCausalLM.from_pretrained(os.path.join(folder, "ckpt"))
-  torch_model.eval()  # no dropout; the loss is deterministic in both frameworks
-  rng = np.random.default_rng(0)
-  ids = rng.integers(0, model.config.vocab_size, (args.batch, args.length)).astype(np.int64)
-  batch = {"input_ids": jnp.asarray(ids, jnp.int32),
-           "attention_mask": jnp.ones(ids.shape, jnp.int32),
-           "labels": jnp.asarray(ids, jnp.int32)}
-  loss = lambda p: models.make_loss_fn(model)(p, batch)
+  problem = language_model.gpt_neo(args.model, args.batch, args.length)
+  model, params, ids, loss = problem.model, problem.params, problem.ids, problem.loss
+  torch_model = language_model.torch_twin(problem)
   t_ids = torch.as_tensor(ids)
   t_loss = lambda m: m(input_ids=t_ids, labels=t_ids).loss
   n = sum(x.size for x in jax.tree.leaves(params))
