@@ -101,14 +101,15 @@ def _sharded_threshold_keys(float_leaves, fraction, per_leaf: bool, hint=None):
     return names
 
   def local(fraction_value, hint_value, *blocks):
-    weights = []
+    weights, replicated_over = [], []
     for spec in specs:
       first = jnp.ones((), jnp.int32)
       for axis in axes:
         if axis not in used_axes(spec):  # replicated along axis: count one copy only
           first = first * (jax.lax.axis_index(axis) == 0).astype(jnp.int32)
       weights.append(first)
-    across = _selection.Across(axes, tuple(weights), sizes)
+      replicated_over.append(tuple(a for a in axes if a not in used_axes(spec)))
+    across = _selection.Across(axes, tuple(weights), sizes, tuple(replicated_over))
     return _selection.kth_largest_keys(
         list(blocks), fraction_value if traced else fraction, per_leaf=per_leaf,
         across=across, sample=False, hint=None if hint is None else hint_value)

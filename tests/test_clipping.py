@@ -164,13 +164,14 @@ class ThresholdTest(chex.TestCase):
 
 
 def _unpacked_threshold(tree, fraction, *, sample=True):
-  """The search on the leaves as given: one reduce per leaf, as on trees over 2^18
-  coordinates (which `clip_threshold` does not concatenate); ``sample=False`` seeds the
-  first pivots from the mean |g|, as for sharded leaves."""
+  """The search on the leaves as given: one reduce per leaf, as on the large leaves of trees
+  over 2^18 coordinates (which `clip_threshold` does not concatenate); ``sample=False`` seeds
+  the first pivots from the mean |g|, as for sharded leaves."""
   from optclip import _selection
   leaves = [l for l in jax.tree.leaves(tree)]
   fmt = _selection.key_format([l.dtype for l in leaves])
-  keys, _ = jax.jit(lambda l: _selection.kth_largest_keys(l, fraction, sample=sample))(leaves)
+  keys, _ = jax.jit(lambda l: _selection.kth_largest_keys(l, fraction, sample=sample,
+                                                          pack_below=0))(leaves)
   return np.float64(_selection.key_to_value(keys, fmt)[0])
 
 
@@ -437,3 +438,35 @@ def test_clipped_optimizers_warm_start_under_optax_machinery():
   tau = oracles.threshold(jax.tree.leaves(mean), 0.1)
   np.testing.assert_array_equal(np.asarray(state.inner_opt_state[0].threshold),
                                 np.float32(tau))
+
+
+def test_small_leaves_are_searched_packed_and_the_threshold_stays_exact():
+  """A tree over 2^18 coordinates (so not concatenated whole) with 40 small leaves of mixed
+  float dtypes beside two large ones, NaN and Inf among them: the small leaves are searched
+  as one packed vector (the program has a fraction of the reductions) and τ equals NumPy's
+  k-th largest, cold and warm-started."""
+  from optclip import _selection
+  rng = np.random.default_rng(11)
+  dtypes = (jnp.float32, jnp.bfloat16, jnp.float16)
+  tree = {f"small{i}": jnp.asarray(rng.standard_t(2, int(rng.integers(1, 5000))),
+                                   jnp.float32).astype(dtypes[i % 3]) for i in range(40)}
+  tree["big0"] = jnp.asarray(rng.standard_t(3, (300, 500)), jnp.float32)
+  tree["big1"] = jnp.asarray(rng.standard_normal((200, 400)) * 1e-3, jnp.float32)
+  tree["small3"] = tree["small3"].at[:2].set(jnp.array([jnp.nan, jnp.inf], jnp.float16))
+  leaves = jax.tree.leaves(tree)
+  assert sum(l.size for l in leaves) > 2 ** 18
+
+  def reductions(pack_below):
+    text = jax.jit(lambda l: _selection.kth_largest_keys(l, 0.1, pack_below=pack_below)).lower(
+        leaves).as_text()
+    return text.count("stablehlo.reduce")
+  assert reductions(_selection.PACK_BELOW) * 4 < reductions(0)
+  threshold = jax.jit(lambda t, f, h: optclip.clip_threshold(t, f, hint=h),
+                      static_argnums=1)
+  for fraction in (1e-4, 0.1, 0.5, 1.0):
+    want = oracles.threshold(leaves, fraction)
+    cold = threshold(tree, fraction, None)
+    np.testing.assert_array_equal(np.float64(cold), want)
+    # warm from a nearby τ, and from a far one (the bracket misses)
+    for hint in (np.float32(want) * 1.01, np.float32(want) * 1e4 + 1):
+      np.testing.assert_array_equal(np.float64(threshold(tree, fraction, hint)), want)
