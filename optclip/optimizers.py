@@ -31,6 +31,7 @@ import optax
 
 from optclip.clipping import (CoordClipState, clip_with_state, coord_clip, init_clip_state,
                               validate_fraction)
+from optclip.sharding import explicit_spec
 
 __all__ = [
     "adafactor",
@@ -533,8 +534,8 @@ def scale_by_clipped_adafactor(
         # R/sum(R) first: multiplying two ~ε₁-sized factors first underflows to 0 in float32
         # (0/0 = NaN where a block of the gradient is exactly zero, e.g. conv taps that only
         # see padding).
-        v_hat = ((row / jnp.sum(row, axis=-1, keepdims=True))[..., :, None]
-                 * col[..., None, :])
+        v_hat = (_sharded_as_axes(row / jnp.sum(row, axis=-1, keepdims=True), g, -1)
+                 [..., :, None] * _sharded_as_axes(col, g, -2)[..., None, :])
       else:
         v = beta * v + (1 - beta) * sq
         v_hat = v
@@ -603,6 +604,18 @@ def _sharded_like(new, old):
                              for t in getattr(mesh, "axis_types", ())):
     return new
   return jax.sharding.reshard(new, sharding.spec)
+
+
+def _sharded_as_axes(factor, g, dropped: int):
+  """A row (``dropped=-1``) or column (``-2``) statistic placed as ``g`` is along the axes
+  it keeps, so that their outer product is placed as ``g`` (under an explicit-sharding mesh
+  two factors split over the same mesh axis cannot be multiplied out)."""
+  spec = explicit_spec(g)
+  if spec is None:
+    return factor
+  spec = tuple(spec) + (None,) * (jnp.ndim(g) - len(spec))
+  kept = spec[:dropped] + (spec[dropped + 1:] if dropped != -1 else ())
+  return jax.sharding.reshard(factor, jax.sharding.PartitionSpec(*kept))
 
 
 def adafactor(learning_rate: Optional[ScalarOrSchedule] = None, *,

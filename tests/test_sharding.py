@@ -52,6 +52,20 @@ def test_every_optimizer_keeps_its_state_sharding_and_compiles_its_step_once():
   assert "OK" in result.stdout
 
 
+@pytest.mark.slow  # 4 minutes on 2 cores: every probe program compiled twice
+def test_a_whole_probe_point_on_an_fsdp_mesh_equals_the_unsharded_one():
+  """Every measurement of a smoke GPT-Neo probe point on data=2,fsdp=4 with every leaf
+  FSDP-sharded (the attribution's padding, Adafactor's factored statistics) equals the
+  unsharded point to rtol 1e-3 (tests/sharded/probe_point.py)."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", OPTCLIP_NO_PROGRESS="1")
+  result = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "sharded",
+                                                        "probe_point.py")],
+                          env=env, capture_output=True, text=True, timeout=1800)
+  assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+  assert "fields equal" in result.stdout and "OK" in result.stdout
+
+
 def test_mesh_spec_parsing_and_errors():
   assert sharding.parse_mesh_spec("data=2, fsdp=4") == {"data": 2, "fsdp": 4}
   for bad in ["data", "data=0", "data=2,data=2", "", "2=data"]:

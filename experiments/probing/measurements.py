@@ -35,6 +35,7 @@ import optclip
 from optclip import blocks as block_partition
 from optclip import curvature, geometry, spectrum
 from optclip.microbatch import as_objective
+from optclip.sharding import explicit_spec
 
 ROBUST_DELTA = 0.01  # Appendix B, Eq. (4)
 ATTRIBUTION_FRACTIONS = (0.001, 0.01, 0.05, 0.1, 0.5)
@@ -183,7 +184,7 @@ def make_programs(loss_fn, names, steps, lanczos_iterations, *, landscape_batch:
     count = len(ATTRIBUTION_FRACTIONS)
     # Padded here to `width` with zero directions, so that no padded copy is made later.
     modified = jax.tree.map(lambda a, b: jnp.concatenate(
-        [a, b[:count], jnp.zeros((width - 3 * count,) + a.shape[1:], a.dtype)]), modified,
+        [a, b[:count], _zero_rows(a, width - 3 * count)]), modified,
         modified_g)
     sharpness = (geometry.tree_dot(sgd_update, product)
                  / geometry.tree_dot(sgd_update, sgd_update))
@@ -221,7 +222,15 @@ def _pad(stacked, count):
   """``stacked`` (k directions) padded with zero directions to ``count`` (no copy at k =
   ``count``: at GPT-Neo-125M the 20 directions take 9.3 GiB)."""
   return jax.tree.map(lambda d: d if d.shape[0] == count else jnp.concatenate(
-      [d, jnp.zeros((count - d.shape[0],) + d.shape[1:], d.dtype)]), stacked)
+      [d, _zero_rows(d, count - d.shape[0])]), stacked)
+
+
+def _zero_rows(stacked, count):
+  """``count`` zero directions shaped and placed like the rows of ``stacked`` (under an
+  explicit-sharding mesh a concatenation needs its operands placed alike)."""
+  zeros = jnp.zeros((count,) + stacked.shape[1:], stacked.dtype)
+  spec = explicit_spec(stacked)
+  return zeros if spec is None else jax.sharding.reshard(zeros, spec)
 
 
 class Point(NamedTuple):
