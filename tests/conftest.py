@@ -27,5 +27,5 @@ def pytest_unconfigure(config):
 # Scripts the tests run in subprocesses, not test modules (importing them would configure
 # this process's JAX).
 collect_ignore = ["multiprocess/worker.py", "multiprocess/dies.py", "sharded/check.py",
-                  "sharded/spectra.py",
+                  "sharded/spectra.py", "sharded/steady.py", "sharded/probe_point.py",
                   "plan/measure_rss.py"]
