@@ -15,13 +15,18 @@ from optclip import sharding
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run_check(mesh: str):
+def _run_script(name: str, *args: str, timeout: int = 900) -> str:
+  """stdout of tests/sharded/``name`` run on 8 forced CPU devices, which must succeed."""
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
-  result = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "sharded", "check.py"),
-                           mesh], env=env, capture_output=True, text=True, timeout=900)
-  assert result.returncode == 0, result.stdout + result.stderr
-  assert f"OK {mesh}" in result.stdout
+             PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", OPTCLIP_NO_PROGRESS="1")
+  result = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "sharded", name),
+                           *args], env=env, capture_output=True, text=True, timeout=timeout)
+  assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+  return result.stdout
+
+
+def _run_check(mesh: str):
+  assert f"OK {mesh}" in _run_script("check.py", mesh)
 
 
 @pytest.mark.slow
@@ -44,12 +49,7 @@ def test_every_optimizer_keeps_its_state_sharding_and_compiles_its_step_once():
   clip-update variants) returns parameters and states placed exactly as they came in, so
   the second and third steps reuse the first compilation and every buffer is donated
   (tests/sharded/steady.py)."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
-  result = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "sharded", "steady.py")],
-                          env=env, capture_output=True, text=True, timeout=600)
-  assert result.returncode == 0, result.stdout + result.stderr[-3000:]
-  assert "OK" in result.stdout
+  assert "OK" in _run_script("steady.py", timeout=600)
 
 
 @pytest.mark.slow  # 4 minutes on 2 cores: every probe program compiled twice
@@ -57,13 +57,8 @@ def test_a_whole_probe_point_on_an_fsdp_mesh_equals_the_unsharded_one():
   """Every measurement of a smoke GPT-Neo probe point on data=2,fsdp=4 with every leaf
   FSDP-sharded (the attribution's padding, Adafactor's factored statistics) equals the
   unsharded point to rtol 1e-3 (tests/sharded/probe_point.py)."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", OPTCLIP_NO_PROGRESS="1")
-  result = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "sharded",
-                                                        "probe_point.py")],
-                          env=env, capture_output=True, text=True, timeout=1800)
-  assert result.returncode == 0, result.stdout + result.stderr[-3000:]
-  assert "fields equal" in result.stdout and "OK" in result.stdout
+  out = _run_script("probe_point.py", timeout=1800)
+  assert "fields equal" in out and "OK" in out
 
 
 def test_mesh_spec_parsing_and_errors():
