@@ -201,17 +201,24 @@ UNSHARDED = Across()
 # reduction in every pass, unrolled in the program: ResNet-152's search compiled in 38 s with
 # one reduction per leaf, and on an accelerator each small one costs a kernel launch.
 PACK_BELOW = 2 ** 14
+# An unsharded group of at most this many coordinates is packed whole, large leaves included
+# (a copy of at most 1 MiB; XLA compiles about 35 ms per leaf's reduce on 2 cores).
+PACK_WHOLE_AT_MOST = 1 << 18
 
 
-def _pack_small(leaves, group_of_leaf, across: Across, fmt: KeyFormat, below: int):
+def _pack_small(leaves, group_of_leaf, group_sizes, across: Across, fmt: KeyFormat,
+                below: int):
   """The leaves with the small ones of each group (and, sharded, of each replication
   pattern) concatenated into one vector in the key float dtype: the same multiset of |g|
-  (bfloat16 and float16 widen exactly), so the same k-th largest."""
+  (bfloat16 and float16 widen exactly), so the same k-th largest. An unsharded group of at
+  most `PACK_WHOLE_AT_MOST` coordinates is packed whole; ``below=0`` packs nothing."""
   classes = across.replicated_over or (None,) * len(leaves)
   sizes = across.global_sizes(leaves)
   bins = {}
   for index, (leaf, group, cls) in enumerate(zip(leaves, group_of_leaf, classes)):
-    if leaf.size < below:
+    whole = (below > 0 and across.weights is None
+             and group_sizes[group] <= PACK_WHOLE_AT_MOST)
+    if leaf.size < below or whole:
       bins.setdefault((group, cls), []).append(index)
   packs = [members for members in bins.values() if len(members) > 1]
   if not packs:
@@ -497,7 +504,8 @@ def kth_largest_keys(leaves: Sequence[jax.Array], fraction, *, per_leaf: bool = 
       also counts at pivots around them, and a hit leaves a narrow bracket; the answer is
       the same with or without it, only the number of passes differs. A non-finite or
       negative hint is ignored.
-    pack_below: leaves smaller than this are searched as one concatenated vector per group
+    pack_below: leaves smaller than this (and every leaf of an unsharded group of at most
+      `PACK_WHOLE_AT_MOST` coordinates) are searched as one concatenated vector per group
       (0: every leaf on its own).
 
   Returns:
@@ -515,8 +523,8 @@ def kth_largest_keys(leaves: Sequence[jax.Array], fraction, *, per_leaf: bool = 
   for size, group in zip(global_sizes, group_of_leaf):
     group_sizes[group] += size
   sizes = jnp.asarray(group_sizes, jnp.int32)
-  leaves, group_of_leaf, across = _pack_small(list(leaves), group_of_leaf, across, fmt,
-                                              pack_below)
+  leaves, group_of_leaf, across = _pack_small(list(leaves), group_of_leaf, group_sizes,
+                                              across, fmt, pack_below)
   problem = _Problem(leaves, group_of_leaf, num_groups, fmt, across)
   inf_key = jnp.asarray(fmt.inf_key, fmt.key_dtype)
 

@@ -37,12 +37,6 @@ __all__ = [
     "validate_fraction",
 ]
 
-# Unsharded trees of at most this many coordinates are concatenated before a global search
-# (a copy of at most 1 MiB): every pass is then one reduce instead of one per leaf, and XLA
-# compiles the search several times faster (about 35 ms per leaf's reduce on 2 cores).
-PACK_MAX_SIZE = 1 << 18
-
-
 def validate_fraction(value: Any, name: str) -> Any:
   """A clipping fraction checked once at the public boundary.
 
@@ -130,10 +124,6 @@ def _threshold_values(float_leaves, fraction, per_leaf: bool, hint=None):
   if any(_is_sharded(l) for l in float_leaves):
     keys, passes = _sharded_threshold_keys(float_leaves, fraction, per_leaf, hint)
   else:
-    if (not per_leaf and len(float_leaves) > 1
-        and sum(l.size for l in float_leaves) <= PACK_MAX_SIZE):
-      float_leaves = [jnp.concatenate([jnp.ravel(l).astype(fmt.float_dtype)
-                                       for l in float_leaves])]
     keys, passes = _selection.kth_largest_keys(float_leaves, fraction, per_leaf=per_leaf,
                                                hint=hint)
   return _selection.key_to_value(keys, fmt), passes

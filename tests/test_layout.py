@@ -217,12 +217,14 @@ def test_block_sharpness_section_shows_every_split_direction_and_says_when_it_ca
       made.append(record)
     return block_sharpness.write(str(tmp_path), made)
 
+  def directions_shown(text):
+    return [line.split("|")[3].strip() for line in text.splitlines()
+            if line.startswith("| translation")]
+
   text, verdicts = run(labels)
-  rows = [line.split("|")[3].strip() for line in text.splitlines()
-          if line.startswith("| translation")]
+  rows = directions_shown(text)
   assert rows[:4] == list(block_sharpness.SHOWN) and sorted(rows) == sorted(labels)
   assert verdicts[0].status in ("reproduced", "partly reproduced", "not reproduced")
   text, verdicts = run(["adam", "lion"])
-  assert [line.split("|")[3].strip() for line in text.splitlines()
-          if line.startswith("| translation")] == ["adam", "lion"]
+  assert directions_shown(text) == ["adam", "lion"]
   assert verdicts[0].status == "not run" and "block_sharpness_directions" in str(verdicts[0])

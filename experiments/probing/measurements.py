@@ -289,7 +289,7 @@ def block_labels(params) -> list:
 def block_directions(names, preset) -> list:
   """The labels among ``names`` whose sharpness is split over blocks: the preset's
   ``block_sharpness_directions``, or every probe update where it names none."""
-  wanted = getattr(preset, "block_sharpness_directions", ())
+  wanted = preset.block_sharpness_directions
   return [n for n in names if not wanted or n in wanted]
 
 

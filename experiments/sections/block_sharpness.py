@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from experiments import probing
+from experiments import presets, probing
 from experiments.artifacts.tables import bootstrap_interval, write_table
 from experiments.paper.claims import BeyondClaim, NotRun, verdict
 from experiments.setup.experiment import on_probe_units
@@ -18,7 +18,7 @@ CLAIM = BeyondClaim(
     "SGD's directional sharpness sits in few parameter blocks, and clipping lowers it there",
     "Pan & Li's Section 4 attribution by named block; Zhang et al. 2024, arXiv 2402.16788 "
     "(the Hessian's blocks are heterogeneous)")
-SHOWN = ("sgd", "sgd, clip grad 0.1", "adam", "adam, clip grad 0.5")
+SHOWN = presets.BLOCK_SHARPNESS_COMPARED  # first in the table
 COMPARED = SHOWN[:2]  # what the verdict reads
 KINDS = ("embedding", "query/key", "value/output", "mlp", "norm", "head", "convolution",
          "other")
