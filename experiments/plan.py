@@ -211,7 +211,7 @@ def _compile_trajectory_programs(name, preset, layout: Layout, kind: str) -> dic
               "optimizer states": tree_bytes(state.opt_state)}
   resident = {key: value / layout.devices for key, value in resident.items()}
   return {"memory": memory, "resident": resident, "params": params, "model": model,
-          "batch": batch, "probe_batch": probe_batch, "state": state, "k": k, "width": width,
+          "batch": batch, "probe_batch": probe_batch, "state": state, "width": width,
           "names": list(programs.names)}
 
 
@@ -257,7 +257,7 @@ def plan_trajectories(name, preset, layout: Layout, kind, epochs, probe_points,
   share = 1.0 if preset.curvature_at == "every" else 1 / max(1, len(preset.probe_epochs))
   blocks = len(set(jax.tree.leaves(block_partition.partition(params))))
   shape = measurements.Shape(
-      directions=found["k"], width=found["width"], steps=len(preset.landscape_steps),
+      directions=len(found["names"]), width=found["width"], steps=len(preset.landscape_steps),
       lanczos_iterations=preset.lanczos_iterations,
       diagonal_calls=math.ceil(diagonal / found["width"]) * share,
       blocks=blocks,
