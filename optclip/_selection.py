@@ -15,11 +15,6 @@ zeros and NaN need no special case). One entry point, `kth_largest_keys`:
    mean |g|), later ones from interpolating the exact counts, with key-space splitting when a
    pass stalls. At 10M coordinates a search takes 3-7 passes (8-10 on GPT-Neo-125M's
    shapes with leaf scales spread over 10^3).
-3. Once the bracket holds at most `_EXTRACT_AT_MOST` keys, the next pass also takes each
-   leaf's keys inside it (`lax.top_k` of a few dozen) and picks the answer among them; a
-   bracket crowded into one leaf overflows its share and the counts narrow it as before.
-   A hint (last step's τ) close to the answer brackets it in the first pass, so the warm
-   search reads |g| twice.
 
 Leaves under `PACK_BELOW` coordinates are searched as one concatenated vector per group:
 every leaf costs a reduction in every pass, unrolled in the program.
@@ -56,11 +51,6 @@ _SPREAD_NOISE = 1.0
 # A safety net only. A pass either halves the bracket's width (at most 31 times) or stalls and
 # is followed by a key-space split into 9 parts (at most 10 in float32, 20 in float64).
 _MAX_PASSES = 100
-# A bracket holding at most this many elements per group is finished by extraction: the pass
-# that would narrow it also takes, per leaf, the largest keys inside it (`lax.top_k` of at
-# most `_extract_capacity` keys) and selects the answer among them, so a warm start that
-# brackets τ closely ends after two reads instead of four or five.
-_EXTRACT_AT_MOST = 1024
 
 
 class KeyFormat(NamedTuple):
@@ -366,53 +356,6 @@ def _count_pass(problem: _Problem, non_finite, pivots, lo, hi):
   return counts - non_finite[:, None], extremes[:, 0], -extremes[:, 1]
 
 
-def _extract_capacity(size: int, group_size: int) -> int:
-  """Keys a leaf of ``size`` (in a group of ``group_size``) contributes to an extraction:
-  three times its share of `_EXTRACT_AT_MOST` plus 16, so that a bracket spread over the
-  leaves like their sizes fits; one that crowds into a few leaves overflows, and the pass
-  then narrows by its counts alone."""
-  share = math.ceil(3 * _EXTRACT_AT_MOST * size / max(group_size, 1))
-  return max(1, min(size, 16 + share))
-
-
-def _extract_pass(problem: _Problem, s, k):
-  """Per group, whether every key in [lo, hi) fitted its leaf's capacity, and then the
-  answer: the (k - c_hi)-th largest of those keys. Shapes (G,), (G,). Unsharded only (the
-  keys are gathered from each leaf as a vector).
-
-  Why `lax.top_k` and not a sort: only the ~1024 keys inside the bracket are wanted, and
-  a top-k of a few dozen per leaf reads the leaf once.
-  """
-  fmt = problem.fmt
-  group_sizes = [0] * problem.num_groups
-  for leaf, group in zip(problem.leaves, problem.group_of_leaf):
-    group_sizes[group] += leaf.size
-  taken = [[] for _ in range(problem.num_groups)]
-  fits = [[] for _ in range(problem.num_groups)]
-  for raw, group in zip(problem.leaves, problem.group_of_leaf):
-    if raw.size == 0:
-      continue
-    key = jnp.ravel(_keys(fmt, raw))
-    inside = (key >= s.lo[group]) & (key < s.hi[group])
-    capacity = _extract_capacity(raw.size, group_sizes[group])
-    # -1 lies below every key, so the fill never ties with an element of the bracket.
-    taken[group].append(jax.lax.top_k(jnp.where(inside, key, -1), capacity)[0])
-    fits[group].append(jnp.sum(inside, dtype=jnp.int32) <= capacity)
-  found, answer = [], []
-  rank = k - s.c_hi  # 1-based, within the bracket
-  for group in range(problem.num_groups):
-    if not taken[group]:
-      found.append(jnp.zeros((), bool))
-      answer.append(jnp.zeros((), fmt.key_dtype))
-      continue
-    keys = jnp.concatenate(taken[group])
-    top = jax.lax.top_k(keys, min(_EXTRACT_AT_MOST, keys.shape[0]))[0]
-    index = rank[group] - 1
-    found.append(jnp.all(jnp.stack(fits[group])) & (index >= 0) & (index < top.shape[0]))
-    answer.append(top[jnp.clip(index, 0, top.shape[0] - 1)])
-  return jnp.stack(found), jnp.stack(answer).astype(fmt.key_dtype)
-
-
 def _mean_pivots(fmt: KeyFormat, mean, q):
   """First pivots without a sample (sharded leaves): multiples of the mean |g| per group.
 
@@ -631,24 +574,13 @@ def kth_largest_keys(leaves: Sequence[jax.Array], fraction, *, per_leaf: bool = 
   state = state._replace(pivots=jnp.clip(state.pivots, (state.lo + 1)[:, None],
                                          (state.hi - 1)[:, None]))
 
-  # Extraction gathers a leaf's keys as a vector: sharded leaves would need a gather across
-  # devices, which costs more than the passes it saves.
-  extractable = across.weights is None and not across.axes
-
   def body(s):
     # Tied to the loop counter, the leaves are not loop-invariant: XLA would otherwise hoist
     # their keys out of the loop and store them, a full-size copy of every leaf.
     leaves, _ = jax.lax.optimization_barrier((problem.leaves, s.step))
-    current = problem._replace(leaves=leaves)
-    counts, largest, smallest = _count_pass(current, summary.non_finite, s.pivots, s.lo, s.hi)
-    before = s
+    counts, largest, smallest = _count_pass(problem._replace(leaves=leaves),
+                                            summary.non_finite, s.pivots, s.lo, s.hi)
     s = _narrow(s, k, counts, largest, smallest)
-    if extractable:
-      small = jnp.all(~before.active | (before.c_lo - before.c_hi <= _EXTRACT_AT_MOST))
-      found, answer = jax.lax.cond(
-          small, lambda: _extract_pass(current, before, k),
-          lambda: (jnp.zeros((num_groups,), bool), jnp.zeros((num_groups,), fmt.key_dtype)))
-      s = _solve(s, found & before.active, answer)
     return s._replace(pivots=_next_pivots(fmt, s, k), step=s.step + 1)
 
   def cond(s):

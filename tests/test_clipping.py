@@ -399,31 +399,6 @@ def test_the_warm_path_saves_passes_and_a_missed_bracket_falls_back_exactly():
     assert int(keys[0]) == int(cold_keys[0]), far
 
 
-def test_a_close_hint_finishes_by_extraction_and_a_crowded_bracket_falls_back():
-  """A hint within 0.1% of τ on 1M coordinates in 10 leaves brackets τ among a few hundred
-  keys, which the next pass extracts: one narrowing pass (the loop alone needs four). When
-  the bracket crowds into one small leaf (20K values within 10^-4 of the median beside 1M
-  normal ones) the extraction overflows that leaf's share and the search goes on by its
-  counts. Both give NumPy's τ."""
-  from optclip import _selection
-  rng = np.random.default_rng(5)
-  fmt = _selection.key_format([jnp.float32])
-  search = jax.jit(lambda l, h: _selection.kth_largest_keys(l, 0.5, hint=h))
-  spread = [jnp.asarray(rng.standard_t(3.0, size=(200, 500)).astype(np.float32))
-            for _ in range(10)]
-  normal = rng.standard_normal((1000, 1000)).astype(np.float32)
-  median = np.median(np.abs(normal))
-  crowded = [jnp.asarray(normal), jnp.asarray(
-      (median * (1 + 1e-4 * rng.standard_normal((100, 200)))).astype(np.float32))]
-  for leaves, most_passes, least_passes in ((spread, 1, 1), (crowded, None, 2)):
-    tau = np.float32(oracles.threshold(leaves, 0.5))
-    for hint in (tau * 1.0005, tau * 0.999):
-      keys, passes = search(leaves, jnp.asarray([hint], jnp.float32))
-      assert np.float32(_selection.key_to_value(keys, fmt)[0]) == tau
-      assert int(passes) >= least_passes
-      assert most_passes is None or int(passes) <= most_passes
-
-
 def test_clipped_optimizers_warm_start_under_optax_machinery():
   """adam(clip) under jit, inject_hyperparams (the fraction changing every step) and
   MultiSteps follows the NumPy transcription of Algorithm 4 over a drifting sequence: the
