@@ -21,6 +21,7 @@ import numpy as np
 import optax
 
 from optclip import blocks, spectrum
+from optclip.sharding import explicit_spec
 from optclip.clipping import clip_threshold
 from optclip.geometry import map_directions, tree_dot
 from optclip.optimizers import ScaleByClippedAdamState
@@ -483,6 +484,12 @@ def gauss_newton_spectral_norm(per_example_grads_fn: Callable, params, batch, *,
   return gauss_newton_coordinate_removal(per_example_grads_fn(params, batch), remove_ratio)
 
 
+def _replicated_if_sharded(x):
+  """``out_sharding`` for a reduction of ``x`` to a small result: replicated where ``x`` is
+  split by an explicit-sharding mesh (which then cannot infer it), else XLA's default."""
+  return jax.sharding.PartitionSpec() if explicit_spec(x) is not None else None
+
+
 def gauss_newton_coordinate_removal(rows, remove_ratio: float = 4.0) -> GaussNewtonSmoothness:
   """`gauss_newton_spectral_norm` from the rows gᵢ themselves, so that several removal
   ratios share one computation of them.
@@ -510,7 +517,9 @@ def gauss_newton_coordinate_removal(rows, remove_ratio: float = 4.0) -> GaussNew
     for leaf, mask in zip(leaves, mask_leaves):
       flat_axes = tuple(range(1, leaf.ndim))
       masked = leaf if mask is None else leaf * mask[None]
-      total = total + jnp.tensordot(masked, masked, axes=(flat_axes, flat_axes))
+      # A B x B Gram matrix: replicated where the rows are sharded over what it sums.
+      total = total + jnp.tensordot(masked, masked, axes=(flat_axes, flat_axes),
+                                    out_sharding=_replicated_if_sharded(leaf))
     return total
 
   row_norms = [jnp.sqrt(jnp.sum(jnp.square(leaf), axis=0)) for leaf in leaves]

@@ -105,6 +105,22 @@ def _sharded_microbatches(fn, examples, common, microbatch_size: int, accumulati
   return jax.tree.map(join, outputs)
 
 
+def _concatenated_sharded_outputs(fn, examples, common, microbatch_size: int):
+  """CONCAT over an unsplit batch whose outputs are sharded (per-example gradients of FSDP
+  leaves, for a batch of 25 that no mesh axis divides): optax's reshape cannot say where
+  its output lies on an explicit-sharding mesh, hence this loop."""
+  parts = jax.tree.map(lambda x: x.reshape((x.shape[0] // microbatch_size, microbatch_size)
+                                           + x.shape[1:]), examples)
+  outputs = jax.lax.map(lambda part: fn({**part, **common}), parts)
+
+  def join(y):  # (count, microbatch_size, ...) -> (B, ...), each block where it was
+    shape = (y.shape[0] * y.shape[1],) + y.shape[2:]
+    spec = explicit_spec(y)
+    return (y.reshape(shape) if spec is None else
+            jax.lax.reshape(y, shape, out_sharding=P(None, *tuple(spec)[2:])))
+  return jax.tree.map(join, outputs)
+
+
 def _over_microbatches(fn, batch, microbatch_size: int, accumulation, shared):
   examples = {k: v for k, v in batch.items() if k not in shared}
   common = {k: v for k, v in batch.items() if k in shared}
@@ -116,6 +132,11 @@ def _over_microbatches(fn, batch, microbatch_size: int, accumulation, shared):
   if sharded is not None:
     return _sharded_microbatches(fn, examples, common, microbatch_size, accumulation,
                                  *sharded)
+  if accumulation == optax.microbatching.AccumulationType.CONCAT:
+    outputs = jax.eval_shape(lambda part: fn({**part, **common}),
+                             jax.tree.map(lambda x: x[:microbatch_size], examples))
+    if any(explicit_spec(y) is not None for y in jax.tree.leaves(outputs)):
+      return _concatenated_sharded_outputs(fn, examples, common, microbatch_size)
   return optax.microbatching.microbatch(
       lambda part: fn({**part, **common}), argnums=0, microbatch_size=microbatch_size,
       accumulator=accumulation)(examples)

@@ -176,6 +176,12 @@ def gathered_loss(loss_fn):
   stays split along its data axis, and the gradient flows back as a reduce-scatter onto the
   parameters' own sharding. Use inside ``jax.set_mesh(mesh)``."""
   def sharded_loss(params, batch):
-    replicated = jax.tree.map(lambda x: jax.sharding.reshard(x, PartitionSpec()), params)
-    return loss_fn(replicated, batch)
+    return loss_fn(gathered(params), batch)
   return sharded_loss
+
+
+def gathered(tree: Any) -> Any:
+  """Every leaf resharded to replicated: FSDP's all-gather before a computation, whose
+  transpose under `jax.grad` is the reduce-scatter back onto each leaf's own sharding. Use
+  inside ``jax.set_mesh(mesh)``."""
+  return jax.tree.map(lambda x: jax.sharding.reshard(x, PartitionSpec()), tree)

@@ -28,4 +28,5 @@ def pytest_unconfigure(config):
 # this process's JAX).
 collect_ignore = ["multiprocess/worker.py", "multiprocess/dies.py", "sharded/check.py",
                   "sharded/spectra.py", "sharded/steady.py", "sharded/probe_point.py",
+                  "sharded/smoothness.py",
                   "plan/measure_rss.py"]

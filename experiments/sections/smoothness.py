@@ -25,7 +25,7 @@ from experiments.paper.claims import verdict
 from experiments.setup.experiment import Experiment, records_of
 from experiments.training import loop
 from experiments.training.variants import Variant
-from optclip import blocks, curvature, microbatch
+from optclip import blocks, curvature, microbatch, sharding
 
 NAME = "smoothness"
 RATIOS = (2.0, 4.0)  # the paper's code, the paper's text
@@ -48,9 +48,11 @@ def selection(params, subset: str):
       params)
 
 
-def per_example_gauss_newton_factors(model, selected):
+def per_example_gauss_newton_factors(model, selected, mesh=None):
   """gᵢ = sqrt(pᵢ₀pᵢ₁)·∇θ(zᵢ₁ − zᵢ₀) over the ``selected`` leaves only (None elsewhere):
-  ∇²fᵢ ≈ gᵢgᵢᵀ for a 2-class softmax (Appendix D.2)."""
+  ∇²fᵢ ≈ gᵢgᵢᵀ for a 2-class softmax (Appendix D.2). On a mesh FSDP-style: the parameters
+  are gathered for the forward pass and each gᵢ comes back sharded like its leaf."""
+  gather = (lambda tree: tree) if mesh is None else sharding.gathered
   from optclip.models import bert
 
   def one(params, example):
@@ -60,9 +62,9 @@ def per_example_gauss_newton_factors(model, selected):
     def margin(subset):
       merged = jax.tree.map(lambda p, q: p if q is None else q, params, subset,
                             is_leaf=lambda x: x is None)
-      return bert.per_example_logit_margin(model, merged, batch)[0]
+      return bert.per_example_logit_margin(model, gather(merged), batch)[0]
 
-    logits = bert.logits_fn(model, params, batch)[0]
+    logits = bert.logits_fn(model, gather(params), batch)[0]
     probs = jax.nn.softmax(logits)
     scale = jax.lax.stop_gradient(jnp.sqrt(probs[0] * probs[1]))
     return jax.tree.map(lambda g: scale * g, jax.grad(margin)(chosen))
@@ -83,7 +85,7 @@ def _functions(task, mesh=None):
 def _compiled(model, microbatch_size: int, remat: str, mesh):
   @functools.partial(jax.jit, static_argnums=2)
   def measure(params, batch, subset):
-    factors = per_example_gauss_newton_factors(model, selection(params, subset))
+    factors = per_example_gauss_newton_factors(model, selection(params, subset), mesh)
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
     rows = (microbatch.concatenated(lambda part: factors(params, part), inputs,
                                     microbatch_size) if microbatch_size else
@@ -97,7 +99,6 @@ def _compiled(model, microbatch_size: int, remat: str, mesh):
 
 
 def run(ctx) -> None:
-  from optclip import sharding
   context, place, place_batch = sharding.placement(ctx.mesh)
   with context:
     for seed in ctx.seeds:
