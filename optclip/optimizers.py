@@ -31,7 +31,7 @@ import optax
 
 from optclip.clipping import (CoordClipState, clip_with_state, coord_clip, init_clip_state,
                               validate_fraction)
-from optclip.sharding import explicit_spec
+from optclip.sharding import explicit_spec, placed_like
 
 __all__ = [
     "adafactor",
@@ -544,9 +544,11 @@ def scale_by_clipped_adafactor(
         u = u / jnp.maximum(1.0, _rms(u) / clipping_threshold)
       return u.astype(g.dtype), row, col, v
 
+    # The row and column statistics are sums over a split axis, which would move a
+    # replicated statistic onto that axis: every output goes back where its input was.
     results = jax.tree.map(
         lambda g, g_hat, row, col, v: tuple(
-            _sharded_like(new, old) for new, old in zip(leaf(g, g_hat, row, col, v),
+            placed_like(new, old) for new, old in zip(leaf(g, g_hat, row, col, v),
                                                        (g, row, col, v))),
         updates, numerators, state.row, state.col, state.v)
     pick = lambda i: jax.tree.map(lambda r: r[i], results,
@@ -591,19 +593,6 @@ def _adafactor_step_size(learning_rate, eps2: float, multiply_by_parameter_scale
     return updates, optax.ScaleByScheduleState(count=count)
 
   return optax.GradientTransformation(init_fn, update_fn)
-
-
-def _sharded_like(new, old):
-  """``new`` placed as ``old`` is under an explicit-sharding mesh (else unchanged): the row
-  and column statistics are sums over a split axis, which would move a replicated statistic
-  onto that axis, and a state that comes back sharded differently compiles the step again
-  and cannot be donated."""
-  sharding = getattr(jax.typeof(old), "sharding", None)
-  mesh = getattr(sharding, "mesh", None)
-  if mesh is None or not any(t == jax.sharding.AxisType.Explicit
-                             for t in getattr(mesh, "axis_types", ())):
-    return new
-  return jax.sharding.reshard(new, sharding.spec)
 
 
 def _sharded_as_axes(factor, g, dropped: int):

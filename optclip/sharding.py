@@ -24,11 +24,13 @@ __all__ = [
     "batch_spec_for",
     "explicit_spec",
     "fsdp_spec",
+    "gathered",
     "gathered_loss",
     "logical_to_spec",
     "mesh_from_spec",
     "parse_mesh_spec",
     "place_by_rules",
+    "placed_like",
     "placement",
     "shard_batch",
     "shard_params",
@@ -45,6 +47,34 @@ def explicit_spec(x) -> PartitionSpec | None:
   except AttributeError:
     return None
   return spec if any(axis is not None for axis in spec) else None
+
+
+def placed_like(value, like):
+  """``value`` resharded as ``like`` is placed where ``like`` lives on an explicit-sharding
+  mesh (split or replicated), else unchanged: a result computed from other placements (a
+  sum over a split axis, fresh zeros or random numbers) goes back where its counterpart
+  is, so that states keep their placement (no recompilation, donation works) and
+  concatenations see operands placed alike.
+
+  Args:
+    value: an array shaped like ``like``.
+    like: the array whose placement ``value`` takes.
+
+  Returns:
+    ``value``, placed as ``like``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from optclip import sharding
+    >>> sharding.placed_like(jnp.zeros(3), jnp.ones(3))  # no mesh: unchanged
+    Array([0., 0., 0.], dtype=float32)
+  """
+  sharding = getattr(jax.typeof(like), "sharding", None)
+  mesh = getattr(sharding, "mesh", None)
+  if mesh is None or not any(t == jax.sharding.AxisType.Explicit
+                             for t in getattr(mesh, "axis_types", ())):
+    return value
+  return jax.sharding.reshard(value, sharding.spec)
 
 
 def parse_mesh_spec(spec: str) -> dict:
@@ -183,5 +213,20 @@ def gathered_loss(loss_fn):
 def gathered(tree: Any) -> Any:
   """Every leaf resharded to replicated: FSDP's all-gather before a computation, whose
   transpose under `jax.grad` is the reduce-scatter back onto each leaf's own sharding. Use
-  inside ``jax.set_mesh(mesh)``."""
+  inside ``jax.set_mesh(mesh)``.
+
+  Args:
+    tree: a pytree of arrays on an explicit-sharding mesh.
+
+  Returns:
+    The same values, every leaf replicated over the mesh.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from optclip import sharding
+    >>> mesh = sharding.mesh_from_spec("fsdp=1", devices=jax.devices()[:1])
+    >>> with jax.set_mesh(mesh):
+    ...   print(jax.typeof(sharding.gathered({"w": jnp.ones((4, 2))})["w"]).sharding.spec)
+    P(None, None)
+  """
   return jax.tree.map(lambda x: jax.sharding.reshard(x, PartitionSpec()), tree)

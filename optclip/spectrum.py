@@ -23,7 +23,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 from matfree import stochtrace
 
-from optclip.sharding import explicit_spec
+from optclip.sharding import explicit_spec, placed_like
 
 __all__ = ["JensenShannon", "TraceEstimate", "block_spectral_densities", "density_curve",
            "eigenpairs", "js_distances", "lanczos", "preconditioned", "spectral_density",
@@ -58,12 +58,6 @@ def _tree_dot(a, b):
   terms = [jnp.sum(x.astype(jnp.promote_types(x.dtype, jnp.float32)) * y)
            for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))]
   return sum(terms) if terms else jnp.zeros(())
-
-
-def _like(value, leaf):
-  """``value`` resharded like ``leaf`` where an explicit-sharding mesh splits ``leaf``."""
-  spec = explicit_spec(leaf)
-  return value if spec is None else jax.sharding.reshard(value, spec)
 
 
 def _stacked_like(stacked, leaf):
@@ -156,7 +150,7 @@ def _unit_normal_like(key, like, mask=None):
   leaves, treedef = jax.tree.flatten(like)
   keys = jax.random.split(key, len(leaves))
   masks = [None] * len(leaves) if mask is None else jax.tree.leaves(mask)
-  start = [_like(jax.random.normal(k, jnp.shape(l), jnp.result_type(l)), l)
+  start = [placed_like(jax.random.normal(k, jnp.shape(l), jnp.result_type(l)), l)
            for k, l in zip(keys, leaves)]
   start = [v if m is None else v * jnp.asarray(m, v.dtype) for v, m in zip(start, masks)]
   start = jax.tree.unflatten(treedef, start)
@@ -386,7 +380,7 @@ def _unit_vector_like(like, index):
   for leaf in leaves:
     size = int(jnp.size(leaf))
     positions = jnp.arange(size).reshape(jnp.shape(leaf))
-    out.append(_like((positions == index - offset).astype(jnp.result_type(leaf)), leaf))
+    out.append(placed_like((positions == index - offset).astype(jnp.result_type(leaf)), leaf))
     offset += size
   return jax.tree.unflatten(treedef, out)
 

@@ -35,7 +35,7 @@ import optclip
 from optclip import blocks as block_partition
 from optclip import curvature, geometry, spectrum
 from optclip.microbatch import as_objective
-from optclip.sharding import explicit_spec
+from optclip.sharding import placed_like
 
 ROBUST_DELTA = 0.01  # Appendix B, Eq. (4)
 ATTRIBUTION_FRACTIONS = (0.001, 0.01, 0.05, 0.1, 0.5)
@@ -228,9 +228,7 @@ def _pad(stacked, count):
 def _zero_rows(stacked, count):
   """``count`` zero directions shaped and placed like the rows of ``stacked`` (under an
   explicit-sharding mesh a concatenation needs its operands placed alike)."""
-  zeros = jnp.zeros((count,) + stacked.shape[1:], stacked.dtype)
-  spec = explicit_spec(stacked)
-  return zeros if spec is None else jax.sharding.reshard(zeros, spec)
+  return placed_like(jnp.zeros((count,) + stacked.shape[1:], stacked.dtype), stacked)
 
 
 class Point(NamedTuple):
