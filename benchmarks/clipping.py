@@ -34,7 +34,7 @@ def _compiled(update, *args, clip_statistics: bool = True):
   from optclip import clipping
   saved = clipping._clip_statistics_compiled
   if not clip_statistics:
-    clipping._clip_statistics_compiled = lambda tree, threshold, like, per_leaf: like
+    clipping._clip_statistics_compiled = lambda tree, threshold, finite, like, per_leaf: like
   try:
     return jax.jit(update).lower(*args).compile()
   finally:

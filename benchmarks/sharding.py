@@ -86,7 +86,7 @@ def search_passes(grads) -> int:
   """Loop iterations (narrowing passes) of the threshold search at fraction 0.5; the summary
   pass before the loop counts with the collectives outside it."""
   from optclip import clipping
-  _, passes = jax.jit(lambda g: clipping._threshold_values(g, 0.5, False))(grads)
+  _, passes, _ = jax.jit(lambda g: clipping._threshold_values(g, 0.5, False))(grads)
   return int(passes)
 
 

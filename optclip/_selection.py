@@ -509,9 +509,11 @@ def kth_largest_keys(leaves: Sequence[jax.Array], fraction, *, per_leaf: bool = 
       (0: every leaf on its own).
 
   Returns:
-    ``(keys, passes)``: keys of shape (G,) in the `KeyFormat` of ``key_format`` of the
-    leaves' dtypes (its ``inf_key`` for a group without finite coordinates: τ = +inf;
-    `key_to_value` turns keys into thresholds), and the number of narrowing passes run.
+    ``(keys, passes, finite)``: keys of shape (G,) in the `KeyFormat` of ``key_format`` of
+    the leaves' dtypes (its ``inf_key`` for a group without finite coordinates: τ = +inf;
+    `key_to_value` turns keys into thresholds), the number of narrowing passes run, and
+    the (G,) int32 counts n of finite coordinates (the clip statistics' denominator, which
+    the first pass has counted).
   """
   fmt = key_format([l.dtype for l in leaves])
   num_groups = len(leaves) if per_leaf else 1
@@ -587,4 +589,4 @@ def kth_largest_keys(leaves: Sequence[jax.Array], fraction, *, per_leaf: bool = 
     return jnp.any(s.active) & (s.step < _MAX_PASSES)
 
   final = jax.lax.while_loop(cond, body, state)
-  return final.lo, final.step
+  return final.lo, final.step, n

@@ -112,21 +112,21 @@ def _sharded_threshold_keys(float_leaves, fraction, per_leaf: bool, hint=None):
   hint_arg = jnp.zeros(()) if hint is None else hint
   replicated = jax.sharding.PartitionSpec()
   return jax.shard_map(local, mesh=mesh, in_specs=(replicated, replicated) + specs,
-                       out_specs=(replicated,) * 2, check_vma=False)(
+                       out_specs=(replicated,) * 3, check_vma=False)(
                            fraction_arg, hint_arg, *float_leaves)
 
 
 def _threshold_values(float_leaves, fraction, per_leaf: bool, hint=None):
-  """The one dispatcher: per-group thresholds as values of the key float dtype, and the
-  number of narrowing passes the search ran (for the benchmarks). ``hint``: (G,) values
-  near the answer, or None."""
+  """The one dispatcher: per-group thresholds as values of the key float dtype, the number
+  of narrowing passes the search ran (for the benchmarks) and the per-group counts of
+  finite coordinates. ``hint``: (G,) values near the answer, or None."""
   fmt = _selection.key_format([l.dtype for l in float_leaves])
   if any(_is_sharded(l) for l in float_leaves):
-    keys, passes = _sharded_threshold_keys(float_leaves, fraction, per_leaf, hint)
+    keys, passes, finite = _sharded_threshold_keys(float_leaves, fraction, per_leaf, hint)
   else:
-    keys, passes = _selection.kth_largest_keys(float_leaves, fraction, per_leaf=per_leaf,
-                                               hint=hint)
-  return _selection.key_to_value(keys, fmt), passes
+    keys, passes, finite = _selection.kth_largest_keys(float_leaves, fraction,
+                                                       per_leaf=per_leaf, hint=hint)
+  return _selection.key_to_value(keys, fmt), passes, finite
 
 
 # Compiled once per tree structure (and static fraction), also when called eagerly: an eager
@@ -156,24 +156,33 @@ def _hint_values(hint, tree, per_leaf: bool):
   return jnp.stack(values) if values else None
 
 
-def _threshold(tree: Any, fraction, per_leaf: bool, hint=None) -> Any:
-  """`clip_threshold` for a fraction that `validate_fraction` has already checked."""
+def _threshold_and_finite_count(tree: Any, fraction, per_leaf: bool, hint=None):
+  """(`clip_threshold` for a fraction that `validate_fraction` has already checked, the
+  int32 count of finite coordinates over all floating leaves)."""
   leaves, treedef = jax.tree.flatten(tree)
   float_positions = [i for i, l in enumerate(leaves) if _is_float_leaf(l)]
   float_leaves = [jnp.asarray(leaves[i]) for i in float_positions]
   if not float_leaves:
+    no_coordinates = jnp.zeros((), jnp.int32)
     if per_leaf:
-      return jax.tree.unflatten(treedef, [None] * len(leaves))
-    return jnp.asarray(jnp.inf, jnp.float32)
+      return jax.tree.unflatten(treedef, [None] * len(leaves)), no_coordinates
+    return jnp.asarray(jnp.inf, jnp.float32), no_coordinates
   search = (_threshold_static_fraction if isinstance(fraction, float)
             else _threshold_traced_fraction)
-  values, _ = search(float_leaves, fraction, per_leaf, _hint_values(hint, tree, per_leaf))
+  values, _, finite = search(float_leaves, fraction, per_leaf,
+                             _hint_values(hint, tree, per_leaf))
   if not per_leaf:
-    return values[0].astype(jnp.result_type(*[l.dtype for l in float_leaves]))
+    return (values[0].astype(jnp.result_type(*[l.dtype for l in float_leaves])),
+            jnp.sum(finite))
   out = [None] * len(leaves)
   for group, i in enumerate(float_positions):
     out[i] = values[group].astype(float_leaves[group].dtype)
-  return jax.tree.unflatten(treedef, out)
+  return jax.tree.unflatten(treedef, out), jnp.sum(finite)
+
+
+def _threshold(tree: Any, fraction, per_leaf: bool, hint=None) -> Any:
+  """`clip_threshold` for a fraction that `validate_fraction` has already checked."""
+  return _threshold_and_finite_count(tree, fraction, per_leaf, hint)[0]
 
 
 def clip_threshold(tree: Any, fraction: float | jax.Array, *, per_leaf: bool = False,
@@ -317,13 +326,15 @@ def init_clip_state(params, per_leaf: bool = False) -> CoordClipState:
   return CoordClipState(threshold, jnp.zeros((), jnp.int32), zero, zero, zero)
 
 
-def _clip_statistics(tree, threshold, like: CoordClipState, per_leaf: bool) -> CoordClipState:
+def _clip_statistics(tree, threshold, finite, like: CoordClipState,
+                     per_leaf: bool) -> CoordClipState:
   """One variadic reduction per leaf (a single pass, as in the threshold search): the
-  clipped and the finite count (int32) and both squared norms (float32), the clipped one
-  from ``|g|`` and τ so that ĝ is never stored for it."""
+  clipped count (int32) and both squared norms (float32), the clipped one from ``|g|`` and
+  τ so that ĝ is never stored for it. ``finite``, the count of finite coordinates, comes
+  from the search's first pass (as a fourth operand here it cost a quarter of this pass)."""
   taus = (jax.tree.leaves(threshold) if per_leaf
           else [threshold] * len(jax.tree.leaves(tree)))
-  zeros = (jnp.zeros((), jnp.int32),) * 2 + (jnp.zeros((), jnp.float32),) * 2
+  zeros = (jnp.zeros((), jnp.int32),) + (jnp.zeros((), jnp.float32),) * 2
   add = lambda x, y: tuple(a + b for a, b in zip(x, y))
   totals = zeros
   for g, tau in zip([jnp.asarray(g) for g in jax.tree.leaves(tree) if _is_float_leaf(g)],
@@ -332,10 +343,10 @@ def _clip_statistics(tree, threshold, like: CoordClipState, per_leaf: bool) -> C
     is_finite = magnitude < jnp.inf  # NaN compares false
     tau = tau.astype(jnp.float32)
     kept = jnp.where(is_finite, jnp.minimum(magnitude, tau), magnitude)
-    operands = ((is_finite & (magnitude > tau)).astype(jnp.int32), is_finite.astype(jnp.int32),
-                magnitude * magnitude, kept * kept)
+    operands = ((is_finite & (magnitude > tau)).astype(jnp.int32), magnitude * magnitude,
+                kept * kept)
     totals = add(totals, jax.lax.reduce(operands, zeros, add, tuple(range(g.ndim))))
-  count, finite, before, after = totals
+  count, before, after = totals
   if per_leaf:
     recorded = jax.tree.map(lambda t, old: jnp.asarray(t, old.dtype), threshold, like.threshold)
   else:
@@ -347,7 +358,7 @@ def _clip_statistics(tree, threshold, like: CoordClipState, per_leaf: bool) -> C
 
 # Compiled once per tree structure also when called eagerly: the reduction's combiner is a
 # fresh function at every trace, so an eager call would otherwise compile it every step.
-_clip_statistics_compiled = jax.jit(_clip_statistics, static_argnums=(3,))
+_clip_statistics_compiled = jax.jit(_clip_statistics, static_argnums=(4,))
 
 
 def clip_with_state(tree, fraction, state: CoordClipState, *, per_leaf: bool = False):
@@ -356,9 +367,10 @@ def clip_with_state(tree, fraction, state: CoordClipState, *, per_leaf: bool = F
   The clip that `coord_clip` and the clipped optimizers share.
   """
   # Last step's τ (the state's) warm-starts the search; the answer is exact either way.
-  threshold = _threshold(tree, fraction, per_leaf, hint=state.threshold)
-  return clip_to_threshold(tree, threshold), _clip_statistics_compiled(tree, threshold,
-                                                                       state, per_leaf)
+  threshold, finite = _threshold_and_finite_count(tree, fraction, per_leaf,
+                                                  hint=state.threshold)
+  return clip_to_threshold(tree, threshold), _clip_statistics_compiled(
+      tree, threshold, finite, state, per_leaf)
 
 
 def coord_clip(fraction: float | jax.Array, *, per_leaf: bool = False

@@ -170,8 +170,8 @@ def _unpacked_threshold(tree, fraction, *, sample=True):
   from optclip import _selection
   leaves = [l for l in jax.tree.leaves(tree)]
   fmt = _selection.key_format([l.dtype for l in leaves])
-  keys, _ = jax.jit(lambda l: _selection.kth_largest_keys(l, fraction, sample=sample,
-                                                          pack_below=0))(leaves)
+  keys, _, _ = jax.jit(lambda l: _selection.kth_largest_keys(l, fraction, sample=sample,
+                                                             pack_below=0))(leaves)
   return np.float64(_selection.key_to_value(keys, fmt)[0])
 
 
@@ -387,15 +387,15 @@ def test_the_warm_path_saves_passes_and_a_missed_bracket_falls_back_exactly():
             jnp.asarray(rng.standard_normal((500, 1000)).astype(np.float32))]
   fmt = _selection.key_format([jnp.float32])
   search = jax.jit(lambda l, h: _selection.kth_largest_keys(l, 0.1, hint=h))
-  cold_keys, cold_passes = jax.jit(lambda l: _selection.kth_largest_keys(l, 0.1))(leaves)
+  cold_keys, cold_passes, _ = jax.jit(lambda l: _selection.kth_largest_keys(l, 0.1))(leaves)
   tau = np.float32(_selection.key_to_value(cold_keys, fmt)[0])
   assert tau == np.float32(oracles.threshold(leaves, 0.1))
-  keys, passes = search(leaves, jnp.asarray([tau * 1.004], jnp.float32))
+  keys, passes, _ = search(leaves, jnp.asarray([tau * 1.004], jnp.float32))
   assert int(keys[0]) == int(cold_keys[0]) and int(passes) <= int(cold_passes)
-  keys, passes = search(leaves, jnp.asarray([tau], jnp.float32))
+  keys, passes, _ = search(leaves, jnp.asarray([tau], jnp.float32))
   assert int(keys[0]) == int(cold_keys[0]) and int(passes) == 0
   for far in (tau * 1000, tau / 1000, 0.0, np.inf, np.nan):
-    keys, _ = search(leaves, jnp.asarray([far], jnp.float32))
+    keys, _, _ = search(leaves, jnp.asarray([far], jnp.float32))
     assert int(keys[0]) == int(cold_keys[0]), far
 
 
@@ -470,3 +470,40 @@ def test_small_leaves_are_searched_packed_and_the_threshold_stays_exact():
     # warm from a nearby τ, and from a far one (the bracket misses)
     for hint in (np.float32(want) * 1.01, np.float32(want) * 1e4 + 1):
       np.testing.assert_array_equal(np.float64(threshold(tree, fraction, hint)), want)
+
+
+@pytest.mark.parametrize("per_leaf", [False, True])
+def test_clip_statistics_against_numpy_with_non_finite_entries(per_leaf):
+  """clipped_count and clipped_fraction (over the finite coordinates only: the count the
+  search's first pass makes) and both norms, with NaN/Inf entries, a bfloat16 and an int
+  leaf, global and per-leaf thresholds."""
+  rng = np.random.default_rng(11)
+  a = rng.standard_t(3.0, size=(40, 30)).astype(np.float32)
+  a[3, 4], a[7, 1], a[9, 9] = np.nan, np.inf, -np.inf
+  b = rng.standard_normal(300).astype(np.float32)
+  b[5] = np.inf
+  c = rng.standard_normal((7, 9)).astype(np.float32)
+  tree = {"a": jnp.asarray(a), "b": jnp.asarray(b), "c": jnp.asarray(c, jnp.bfloat16),
+          "steps": jnp.arange(4)}
+  as_numpy = {"a": a, "b": b, "c": np.asarray(tree["c"].astype(jnp.float32))}
+  tx = optclip.coord_clip(0.2, per_leaf=per_leaf)
+  state = jax.jit(tx.update)(tree, tx.init(tree))[1]
+  flat = {name: np.asarray(x, np.float64).ravel() for name, x in as_numpy.items()}
+  taus = ({name: oracles.threshold([x], 0.2) for name, x in flat.items()} if per_leaf else
+          dict.fromkeys(flat, oracles.threshold(list(flat.values()), 0.2)))
+  count = sum(int(np.sum(np.isfinite(x) & (np.abs(x) > taus[n]))) for n, x in flat.items())
+  finite = sum(int(np.sum(np.isfinite(x))) for x in flat.values())
+  assert finite == a.size + b.size + c.size - 4
+  assert int(state.clipped_count) == count > 0
+  np.testing.assert_allclose(float(state.clipped_fraction), count / finite, rtol=1e-6)
+  assert np.isnan(float(state.norm_before)) and np.isnan(float(state.norm_after))
+  # Without the NaN: infinite norms, and one finite coordinate more.
+  tree["a"] = tree["a"].at[3, 4].set(0.0)
+  state = jax.jit(tx.update)(tree, tx.init(tree))[1]
+  assert float(state.norm_before) == np.inf == float(state.norm_after)
+  flat["a"][3 * 30 + 4] = 0.0
+  taus = ({name: oracles.threshold([x], 0.2) for name, x in flat.items()} if per_leaf else
+          dict.fromkeys(flat, oracles.threshold(list(flat.values()), 0.2)))
+  count = sum(int(np.sum(np.isfinite(x) & (np.abs(x) > taus[n]))) for n, x in flat.items())
+  assert int(state.clipped_count) == count
+  np.testing.assert_allclose(float(state.clipped_fraction), count / (finite + 1), rtol=1e-6)
