@@ -21,10 +21,10 @@ import numpy as np
 import optax
 
 from optclip import blocks, spectrum
-from optclip.sharding import explicit_spec
 from optclip.clipping import clip_threshold
 from optclip.geometry import map_directions, tree_dot
 from optclip.optimizers import ScaleByClippedAdamState
+from optclip.sharding import explicit_spec
 from optclip.spectrum import TraceEstimate
 
 __all__ = [

@@ -159,15 +159,16 @@ def shard_batch(batch: Any, mesh: Mesh, axes: Sequence[str] = ("data", "fsdp")) 
       x, NamedSharding(mesh, batch_spec_for(np.shape(x), mesh, axes))), batch)
 
 
-def placement(mesh: Mesh | None):
+def placement(mesh: Mesh | None, min_size: int = MIN_SHARDED_SIZE):
   """``(context, place_params, place_batch)`` for running on ``mesh``.
 
   The context sets the mesh (`jax.set_mesh`); parameters and optimizer states go FSDP-style
-  over ``fsdp`` and batches over ``data``. With ``mesh=None`` all three do nothing.
+  over ``fsdp`` (leaves under ``min_size`` coordinates stay replicated; tests pass 0 to
+  split every leaf) and batches over ``data``. With ``mesh=None`` all three do nothing.
   """
   if mesh is None:
     return contextlib.nullcontext(), (lambda tree: tree), (lambda batch: batch)
-  return (jax.set_mesh(mesh), functools.partial(shard_params, mesh=mesh),
+  return (jax.set_mesh(mesh), functools.partial(shard_params, mesh=mesh, min_size=min_size),
           functools.partial(shard_batch, mesh=mesh))
 
 

@@ -52,8 +52,8 @@ def per_example_gauss_newton_factors(model, selected, mesh=None):
   """gᵢ = sqrt(pᵢ₀pᵢ₁)·∇θ(zᵢ₁ − zᵢ₀) over the ``selected`` leaves only (None elsewhere):
   ∇²fᵢ ≈ gᵢgᵢᵀ for a 2-class softmax (Appendix D.2). On a mesh FSDP-style: the parameters
   are gathered for the forward pass and each gᵢ comes back sharded like its leaf."""
-  gather = (lambda tree: tree) if mesh is None else sharding.gathered
   from optclip.models import bert
+  gather = (lambda tree: tree) if mesh is None else sharding.gathered
 
   def one(params, example):
     batch = jax.tree.map(lambda x: x[None], example)

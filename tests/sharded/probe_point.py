@@ -2,7 +2,6 @@
 GPT-Neo on a data=2,fsdp=4 mesh of 8 CPU devices, every leaf FSDP-sharded, against the same
 point unsharded (run by tests/test_sharding.py: JAX fixes the device count at start-up)."""
 
-import functools
 import os
 import sys
 import tempfile
@@ -25,10 +24,7 @@ mesh = sharding.mesh_from_spec(sys.argv[1] if len(sys.argv) > 1 else "data=2,fsd
 
 def point(mesh):
   """The record of one probe point after one training step, on ``mesh`` (or None)."""
-  context = jax.set_mesh(mesh) if mesh is not None else sharding.placement(None)[0]
-  place = (functools.partial(sharding.shard_params, mesh=mesh, min_size=0) if mesh is not None
-           else (lambda tree: tree))
-  place_batch = sharding.placement(mesh)[2]
+  context, place, place_batch = sharding.placement(mesh, min_size=0)  # every leaf split
   with context:
     step, directions = trajectory.steps(task, "transformer", preset, mesh, "sgd")
     programs = trajectory._programs(task, "transformer", preset, mesh)

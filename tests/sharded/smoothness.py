@@ -4,7 +4,6 @@ unsharded (run by tests/test_sharding.py: JAX fixes the device count at start-up
 planner found it crashing on a mesh: per-example gradients of sharded weights contracted
 over their sharded axis."""
 
-import functools
 import os
 import sys
 import tempfile
@@ -29,10 +28,7 @@ SUBSETS = ("all",)
 
 def measured(mesh):
   """Every subset's and ratio's result on ``mesh`` (or None), as NumPy."""
-  context = jax.set_mesh(mesh) if mesh is not None else sharding.placement(None)[0]
-  place = (functools.partial(sharding.shard_params, mesh=mesh, min_size=0) if mesh is not None
-           else (lambda tree: tree))
-  place_batch = sharding.placement(mesh)[2]
+  context, place, place_batch = sharding.placement(mesh, min_size=0)  # every leaf split
   with context:
     params = place(task.init_params(0))
     if mesh is not None:
