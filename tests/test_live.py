@@ -31,6 +31,7 @@ def read_events(folder):
   return scalars
 
 
+@pytest.mark.slow  # a whole smoke ResNet run: 113 s of the default suite on 2026-12-07
 def test_tensorboard_mirrors_step_losses_and_every_record(tmp_path):
   out, board = str(tmp_path / "run"), str(tmp_path / "board")
   assert main(["resnet", "--preset", "smoke", "--out", out, "--tensorboard", board]) == 0

@@ -13,6 +13,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "multiprocess", "worker.py")
@@ -33,6 +34,9 @@ def _launch(process_id, processes, port, out):
                           text=True)
 
 
+# 64 s on 2026-12-07 (three JAX processes, each compiling); the default suite keeps two
+# processes on jax.distributed in the test below.
+@pytest.mark.slow
 def test_two_processes_equal_one(tmp_path):
   out = str(tmp_path)
   port = _free_port()
