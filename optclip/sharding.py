@@ -227,7 +227,7 @@ def gathered(tree: Any) -> Any:
     >>> from optclip import sharding
     >>> mesh = sharding.mesh_from_spec("fsdp=1", devices=jax.devices()[:1])
     >>> with jax.set_mesh(mesh):
-    ...   print(jax.typeof(sharding.gathered({"w": jnp.ones((4, 2))})["w"]).sharding.spec)
-    P(None, None)
+    ...   print(tuple(jax.typeof(sharding.gathered({"w": jnp.ones((4, 2))})["w"]).sharding.spec))
+    (None, None)
   """
   return jax.tree.map(lambda x: jax.sharding.reshard(x, PartitionSpec()), tree)
