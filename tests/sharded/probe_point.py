@@ -55,13 +55,14 @@ flat_sharded = dict((jax.tree_util.keystr(p), v)
                     for p, v in jax.tree_util.tree_flatten_with_path(sharded)[0])
 assert len(flat_plain) == len(flat_sharded)
 
-# A coordinate the mesh moves by the relative 1e-3 granted below moves log10 |u| by at most
-# log10(1 + 1e-3), far less than a bin, so it can only cross into the next bin, and only if it
+RTOL = 1e-3  # the mesh reorders sums (Adafactor's factored statistics, the attribution)
+# A coordinate the mesh moves by the relative RTOL moves log10 |u| by at most
+# log10(1 + RTOL), far less than a bin, so it can only cross into the next bin, and only if it
 # lies that close to an edge: counts may move between neighbours, never appear or vanish.
 # Bound the moved ones by that band's share of all coordinates (two sides of each edge).
 BIN_WIDTH = (measurements.HISTOGRAM_RANGE[1] - measurements.HISTOGRAM_RANGE[0]) / \
     measurements.HISTOGRAM_BINS
-EDGE_BAND = 2 * np.log10(1 + 1e-3) / BIN_WIDTH
+EDGE_BAND = 2 * np.log10(1 + RTOL) / BIN_WIDTH
 
 
 def assert_counts_close(got, value, name):
@@ -77,7 +78,7 @@ for path, value in flat_plain:
   if name.startswith("['histograms']") and name.endswith("[0]"):
     assert_counts_close(got, value, name)
   elif np.asarray(value).dtype.kind in "fc":
-    np.testing.assert_allclose(got, value, rtol=1e-3, atol=1e-6 * (np.nanmax(np.abs(value))
+    np.testing.assert_allclose(got, value, rtol=RTOL, atol=1e-6 * (np.nanmax(np.abs(value))
                                                                     if np.size(value) else 1),
                                err_msg=name)
   else:
