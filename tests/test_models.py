@@ -153,6 +153,25 @@ def test_resnet_matches_transformers(tmp_path, layer_type):
   np.testing.assert_allclose(ours_train, train_logits, atol=ATOL, rtol=ATOL)
 
 
+def test_a_config_saved_with_transformers_default_labels_loads_with_two(tmp_path):
+  """save_pretrained omits id2label at transformers' default of 2 labels; the folder then
+  holds a 2-class head, which the loader must expect (not the ResNet family's 10)."""
+  config = transformers.ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8, 16],
+                                     depths=[1, 1])
+  hf = transformers.ResNetForImageClassification(config).eval()
+  hf.save_pretrained(tmp_path, safe_serialization=True)
+  assert "id2label" not in json.load(open(tmp_path / "config.json"))
+  model, params, state = models.load_pretrained(str(tmp_path), with_state=True)
+  assert model.config.num_labels == 2
+  pixels = np.random.default_rng(4).normal(size=(2, 3, 16, 16)).astype(np.float32)
+  with torch.no_grad():
+    expected = hf(pixel_values=torch.tensor(pixels)).logits.numpy()
+  batch = {"pixels": np.transpose(pixels, (0, 2, 3, 1)), "label": np.array([0, 1])}
+  np.testing.assert_allclose(
+      models.family(model).logits_fn(model, params, batch, state["batch_stats"]), expected,
+      atol=ATOL, rtol=ATOL)
+
+
 @pytest.mark.parametrize("name", ["t5-micro", "gpt-neo-micro", "bert-micro", "resnet-tiny"])
 def test_save_pretrained_round_trips_through_transformers(tmp_path, name):
   model = models.create(name)

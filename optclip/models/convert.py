@@ -142,8 +142,10 @@ def config_from_hf(hf_config: dict, source: str = "config.json"):
   config_cls = FAMILIES[model_type][0]
   fields = {f.name for f in dataclasses.fields(config_cls) if f.init}
   values = {k: v for k, v in hf_config.items() if k in fields}
-  if "num_labels" in fields and "num_labels" not in values and "id2label" in hf_config:
-    values["num_labels"] = len(hf_config["id2label"])
+  if "num_labels" in fields and "num_labels" not in values:
+    # save_pretrained drops id2label when it holds transformers' default of 2 labels
+    # (PretrainedConfig), so an absent one means 2, not this family's own default.
+    values["num_labels"] = len(hf_config.get("id2label") or {0: 0, 1: 1})
   if model_type == "t5" and values.get("num_decoder_layers") is None:
     values["num_decoder_layers"] = hf_config.get("num_layers", t5.T5Config.num_layers)
   if model_type == "gpt_neo" and "attention_types" in values:
