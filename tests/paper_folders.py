@@ -41,8 +41,9 @@ def write_data(root: str, rows: int = 300, rng_seed: int = 0) -> str:
 
 
 def write_checkpoints(root: str, corpus) -> dict:
-  """{task: folder} of random-weight t5-small, gpt-neo-125M and bert-base (the real
-  configurations) with a tokenizer trained on ``corpus``."""
+  """{task: folder} of random-weight t5-small, gpt-neo-125M, bert-base (the real
+  configurations, with a tokenizer trained on ``corpus``) and ResNet-152 (the paper preset
+  asks for a checkpoint of every task it fine-tunes, images included)."""
   import transformers
   from optclip.data import tokenization
   tokenizer = tokenization.train_tokenizer(corpus, 512)
@@ -53,11 +54,15 @@ def write_checkpoints(root: str, corpus) -> dict:
           num_heads=12, attention_types=[[["global", "local"], 6]], window_size=256)),
       "classification": (transformers.BertForSequenceClassification,
                          transformers.BertConfig(num_labels=2)),
+      # microsoft/resnet-152's configuration: bottleneck blocks of depths 3, 8, 36, 3.
+      "images": (transformers.ResNetForImageClassification,
+                 transformers.ResNetConfig(depths=[3, 8, 36, 3])),
   }
   folders = {}
   for task, (cls, config) in configs.items():
     folder = os.path.join(root, task)
     cls(config).save_pretrained(folder)
-    tokenizer.save(os.path.join(folder, "tokenizer.json"))
+    if task != "images":
+      tokenizer.save(os.path.join(folder, "tokenizer.json"))
     folders[task] = folder
   return folders

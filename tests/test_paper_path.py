@@ -86,7 +86,7 @@ def test_paper_preset_runs_end_to_end_at_full_model_size(tmp_path):
   assert os.path.getsize(os.path.join(out, "report.md")) > 0
   config = json.load(open(os.path.join(out, "config.json")))
   assert config["overrides"]["translation.batch_size"] == 4
-  assert set(config["checkpoints"]) == {"translation", "code", "classification"}
+  assert set(config["checkpoints"]) == {"translation", "code", "classification", "images"}
   assert all(len(c["sha256"]) == 16 for c in config["checkpoints"].values())
   assert config["data"]["classification"]["splits"] == {"test": 150, "train": 150,
                                                        "unsupervised": 0}
