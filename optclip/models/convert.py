@@ -145,7 +145,7 @@ def config_from_hf(hf_config: dict, source: str = "config.json"):
   if "num_labels" in fields and "num_labels" not in values:
     # save_pretrained drops id2label when it holds transformers' default of 2 labels
     # (PretrainedConfig), so an absent one means 2, not this family's own default.
-    values["num_labels"] = len(hf_config.get("id2label") or {0: 0, 1: 1})
+    values["num_labels"] = len(hf_config["id2label"]) if hf_config.get("id2label") else 2
   if model_type == "t5" and values.get("num_decoder_layers") is None:
     values["num_decoder_layers"] = hf_config.get("num_layers", t5.T5Config.num_layers)
   if model_type == "gpt_neo" and "attention_types" in values:
