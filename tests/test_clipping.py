@@ -355,7 +355,10 @@ def _drifting_sequences(rng, shapes):
 
 
 @pytest.mark.parametrize("shapes", [[(30, 20), (7,), (50,)],  # one packed leaf
-                                    [(300, 500), (400, 400), (1000,)]])  # unpacked, > 2^18
+                                    # unpacked, > 2^18: 19 s, slow; the packed-leaves test
+                                    # warm-starts two such leaves in the default suite
+                                    pytest.param([(300, 500), (400, 400), (1000,)],
+                                                 marks=pytest.mark.slow)])
 def test_a_warm_started_threshold_equals_numpy_step_after_step(shapes):
   """τ from last step's τ as the hint equals NumPy's k-th largest at every step of every
   sequence, for global and per-leaf thresholds, with a static and a traced fraction."""

@@ -174,7 +174,11 @@ SWITCHES = {  # a --set value that switches a measurement off, and the fields it
 }
 
 
-@pytest.mark.parametrize("field", sorted(SWITCHES))
+# The two cheapest switches in the default suite; Lanczos and the curvature sample (19 s each)
+# are slow.
+@pytest.mark.parametrize("field", [
+    pytest.param(f, marks=pytest.mark.slow) if f in ("lanczos_iterations", "curvature_samples")
+    else f for f in sorted(SWITCHES)])
 def test_report_marks_a_switched_off_measurement_as_not_run(tmp_path, field):
   from experiments import presets
   value, dropped, section = SWITCHES[field]

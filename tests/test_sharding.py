@@ -62,6 +62,7 @@ def test_a_whole_probe_point_on_an_fsdp_mesh_equals_the_unsharded_one():
   assert "fields equal" in out and "OK" in out
 
 
+@pytest.mark.slow  # 58 s; the optimizers' sharded steps stay in the default suite
 def test_gauss_newton_smoothness_on_an_fsdp_mesh_equals_the_unsharded_one():
   """Table 8's measurement of the smoke BERT on data=2,fsdp=4, every leaf FSDP-sharded and
   the batch of 25 unsplit, equals the unsharded one (tests/sharded/smoothness.py); the
