@@ -107,17 +107,43 @@ def set_aside(out: str, unit: str, tree, *, to: str = "auto"):
     return lambda: jax.device_put(moved, shardings)
   if to != "disk":
     raise ValueError(f"set_aside: to must be 'auto', 'host' or 'disk', got {to!r}")
-  like = _abstract(tree)
-  path = os.path.join(checkpoint_dir(out, unit), SET_ASIDE)
-  shutil.rmtree(path, ignore_errors=True)
-  _write(path, tree)
-  for leaf in jax.tree.leaves(tree):
+  return _set_aside_on_disk(os.path.join(checkpoint_dir(out, unit), SET_ASIDE), tree)
+
+
+def _set_aside_on_disk(path: str, tree):
+  """`set_aside` to the disk: each addressable shard's raw bytes in a file of this
+  process's own folder, a leaf freed as soon as it is written, so the memory only falls.
+
+  Not orbax, as `save` is: its save of t5-small's 20 probe states (5.6 GiB in 4,417 arrays)
+  grew the process by over 4 GiB within 20 s, having written 20 MB, and the run was killed
+  for memory (2026-12-07). Nothing here outlives the run, so no format is needed.
+  """
+  import jax
+  import numpy as np
+  own = os.path.join(path, f"process{jax.process_index()}")
+  shutil.rmtree(own, ignore_errors=True)
+  os.makedirs(own)
+  leaves, treedef = jax.tree.flatten(tree)
+  layouts = []
+  for i, leaf in enumerate(leaves):
+    shards = []
+    for j, shard in enumerate(leaf.addressable_shards):
+      file = os.path.join(own, f"{i}.{j}")
+      np.asarray(shard.data).tofile(file)
+      shards.append((file, shard.data.shape, shard.device))
+    layouts.append((leaf.shape, leaf.dtype, leaf.sharding, shards))
     leaf.delete()
 
   def bring_back():
-    restored = _read(path, like)
-    shutil.rmtree(path, ignore_errors=True)
-    return restored
+    arrays = []
+    for shape, dtype, sharding, shards in layouts:
+      pieces = [jax.device_put(np.fromfile(file, dtype).reshape(piece), device)
+                for file, piece, device in shards]
+      arrays.append(jax.make_array_from_single_device_arrays(shape, sharding, pieces))
+    shutil.rmtree(own, ignore_errors=True)
+    with contextlib.suppress(OSError):
+      os.rmdir(path)  # once every process has taken its own back
+    return jax.tree.unflatten(treedef, arrays)
 
   return bring_back
 
