@@ -20,9 +20,10 @@ def _rows(data):
 
 
 # One task in the default suite (13 s); the other three (20-29 s each) are slow.
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n != "classification"
-                                  else n for n in ("translation", "code", "classification",
-                                                   "images")])
+@pytest.mark.parametrize("name", [
+    pytest.param("translation", marks=pytest.mark.slow),
+    pytest.param("code", marks=pytest.mark.slow), "classification",
+    pytest.param("images", marks=pytest.mark.slow)])
 def test_probe_batch_is_a_subset_of_the_training_subset(name, tmp_path):
   """Appendix B.3: the probe ("test") batch is a fixed random subset of the training data;
   every probe-batch example is one of the training examples, and it is recorded."""
