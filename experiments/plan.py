@@ -187,11 +187,12 @@ def _compile_trajectory_programs(name, preset, layout: Layout, kind: str) -> dic
   programs = trajectory._programs(fake, kind, preset, layout.mesh)
   k, width = len(programs.names), programs.width
   a_params = layout.params(params)
-  stacked, wide = layout.stacked(params, k), layout.stacked(params, width)
-  scalars = lambda n, dtype=jnp.float32: jax.ShapeDtypeStruct((n,), dtype)
+  stacked = layout.stacked(params, k)
+  rows = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), measurements.make_rows(
+      width, len(jax.tree.leaves(params))))
   memory["first-order term"] = compiled_memory(programs.first_order, a_params, stacked, a_probe)
-  memory["second derivatives"] = compiled_memory(programs.second_derivatives, a_params, wide,
-                                                 scalars(width), a_probe)
+  memory["second derivatives"] = compiled_memory(programs.second_derivatives, a_params, stacked,
+                                                 a_params, rows, a_probe)
   memory["landscape"] = compiled_memory(programs.landscape, a_params, stacked, a_probe)
   memory["attribution"] = compiled_memory(programs.attribution, a_params, a_params, a_params,
                                           a_probe)

@@ -335,7 +335,7 @@ def landscape(loss_fn: LossFn, params, directions, step_sizes, *,
 
 
 def attribution_terms(update, hvp, fractions: Sequence[float], *, select_by=None,
-                      thresholds=None):
+                      thresholds=None, select_thresholds=None):
   """The parts of `sharpness_attribution` that need no second derivatives, given Hu.
 
   Args:
@@ -345,6 +345,7 @@ def attribution_terms(update, hvp, fractions: Sequence[float], *, select_by=None
     select_by: the tree whose magnitudes pick the top coordinates (default u).
     thresholds: u's own top-f thresholds, one per fraction, where the caller has them
       (each is an exact selection over every coordinate: worth computing once).
+    select_thresholds: the same of ``select_by``, where the caller has them.
 
   Returns:
     ``(share, norm_share, modified)``: arrays of shape (F,) and the 2F modified directions
@@ -354,20 +355,29 @@ def attribution_terms(update, hvp, fractions: Sequence[float], *, select_by=None
   select_by = update if select_by is None else select_by
   total = tree_dot(update, hvp)
   norm_sq = tree_dot(update, update)
-  shares, norm_shares, without, clipped = [], [], [], []
   if thresholds is None:
     thresholds = [clip_threshold(update, fraction) for fraction in fractions]
-  for fraction, tau in zip(fractions, thresholds):
-    tau_select = tau if select_by is update else clip_threshold(select_by, fraction)
-    top = jax.tree.map(lambda s: jnp.abs(s) >= tau_select, select_by)
-    without.append(jax.tree.map(lambda u, t: jnp.where(t, 0, u), update, top))
-    clipped.append(jax.tree.map(lambda u: jnp.clip(u, -tau, tau), update))
-    shares.append(sum(jnp.sum(jnp.where(t, u * h, 0)) for u, h, t in zip(
-        jax.tree.leaves(update), jax.tree.leaves(hvp), jax.tree.leaves(top))) / total)
-    norm_shares.append(sum(jnp.sum(jnp.where(t, u * u, 0)) for u, t in zip(
-        jax.tree.leaves(update), jax.tree.leaves(top))) / norm_sq)
+  if select_thresholds is None:
+    select_thresholds = (thresholds if select_by is update else
+                         [clip_threshold(select_by, fraction) for fraction in fractions])
+  top = lambda tau_select: jax.tree.map(lambda s: jnp.abs(s) >= tau_select, select_by)
+
+  def shares(tau_select):
+    masks = jax.tree.leaves(top(tau_select))
+    return (sum(jnp.sum(jnp.where(t, u * h, 0)) for u, h, t in zip(
+        jax.tree.leaves(update), jax.tree.leaves(hvp), masks)) / total,
+            sum(jnp.sum(jnp.where(t, u * u, 0)) for u, t in zip(
+                jax.tree.leaves(update), masks)) / norm_sq)
+
+  # One fraction at a time: XLA on CPU materialises the operand of every large reduction,
+  # and the fractions' sums side by side would hold one parameter-sized temporary each.
+  share, norm_share = jax.lax.map(shares, jnp.stack(select_thresholds))
+  without = [jax.tree.map(lambda u, t: jnp.where(t, 0, u), update, top(tau_select))
+             for tau_select in select_thresholds]
+  clipped = [jax.tree.map(lambda u, tau=tau: jnp.clip(u, -tau, tau), update)
+             for tau in thresholds]
   modified = jax.tree.map(lambda *d: jnp.stack(d), *(without + clipped))
-  return jnp.stack(shares), jnp.stack(norm_shares), modified
+  return share, norm_share, modified
 
 
 def sharpness_attribution(loss_fn: LossFn, params, update,

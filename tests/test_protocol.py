@@ -88,7 +88,9 @@ def test_r_med_equals_the_dense_hessian_diagonal_when_every_coordinate_is_sample
   sample = trajectory.curvature_sample(params, 1000, seed=0)  # more than any leaf: all
   point = measurements.Point(programs, dict(params=params, probe_batch=batch, sample=sample,
                                             diagonal_here=True, test_grads=params,
-                                            sgd_update=params), None)
+                                            sgd_update=params,
+                                            directions=jax.tree.map(lambda x: x[None], params)),
+                             None)
   measured = measurements.BY_NAME["hessian_diagonal"].run(point)["curvature_sample"]
   entries = np.concatenate(list(measured["hessian_diagonal"].values()))
   flat, unravel = ravel_pytree(params)
@@ -112,6 +114,113 @@ def test_r_med_equals_the_dense_hessian_diagonal_when_every_coordinate_is_sample
   want = everything.max() / np.sort(everything)[::-1][int(np.ceil(len(everything) / 2)) - 1]
   np.testing.assert_allclose(overall, want, rtol=1e-3)
   assert "['b1']" not in layers  # a vector is not a layer
+
+
+def test_attribution_of_sgds_direction_equals_the_dense_hessians_quadratic_forms():
+  """The probe point's attribution (its modified directions formed inside the second-
+  derivative program, never stacked) against NumPy on the dense Hessian: for every fraction
+  f, u without its top-f coordinates by |u| and by |g|, and u clipped at its top-f threshold
+  (k = ceil(f·n), ties counted as top)."""
+  loss, params, batch = _mlp()
+  names = ["adam", "sgd"]
+  rng = np.random.default_rng(11)
+  flat, unravel = ravel_pytree(params)
+  n = flat.size
+  dense = np.asarray(jax.hessian(lambda f: loss(unravel(f), batch))(flat), np.float64)
+  vectors = rng.standard_normal((2, n)).astype(np.float32)
+  gradient = rng.standard_normal(n).astype(np.float32)
+  directions = jax.tree.map(lambda *d: jnp.stack(d), *[unravel(jnp.asarray(v)) for v in vectors])
+  programs = measurements.make_programs(loss, names, (0.0, 0.1), 4)
+  point = measurements.Point(programs, dict(
+      params=params, probe_batch=batch, names=names, directions=directions,
+      sgd_update=unravel(jnp.asarray(vectors[1])), test_grads=unravel(jnp.asarray(gradient))),
+                             None)
+  got = measurements.BY_NAME["attribution"].run(point)["attribution"]
+  u = vectors[1].astype(np.float64)
+  quadratic = lambda v: v @ dense @ v / (v @ v)
+  tau_of = lambda x, f: np.sort(np.abs(x))[::-1][int(np.ceil(f * n)) - 1]
+  np.testing.assert_allclose(got["sharpness"], quadratic(u), rtol=1e-4)
+  for i, f in enumerate(measurements.ATTRIBUTION_FRACTIONS):
+    tau, tau_g = tau_of(u, f), tau_of(gradient, f)
+    top, top_g = np.abs(u) >= tau, np.abs(gradient) >= tau_g
+    np.testing.assert_allclose(got["share"][i], (u * (dense @ u))[top].sum() / (u @ dense @ u),
+                               rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(got["norm_share_by_gradient"][i], (u[top_g] ** 2).sum() / (u @ u),
+                               rtol=1e-5)
+    for field, v in (("sharpness_without", np.where(top, 0, u)),
+                     ("sharpness_clipped", np.clip(u, -tau, tau)),
+                     ("sharpness_without_by_gradient", np.where(top_g, 0, u))):
+      np.testing.assert_allclose(got[field][i], quadratic(v), rtol=1e-4, atol=1e-6,
+                                 err_msg=f"{field} at {f}")
+
+
+def test_first_order_terms_and_histograms_equal_numpys():
+  """The probe point's loss, gradient, Eq. 1's first-order terms of every direction and the
+  log10 |u| histograms of the named ones, against NumPy on the flat vectors."""
+  loss, params, batch = _mlp()
+  names = ["sgd", "b", "adam"]
+  rng = np.random.default_rng(13)
+  flat, unravel = ravel_pytree(params)
+  vectors = (rng.standard_normal((3, flat.size)) * 10.0 ** rng.uniform(
+      -12, -1, (3, flat.size))).astype(np.float32)
+  vectors[0, :4] = 0  # exact zeros are counted apart
+  directions = jax.tree.map(lambda *d: jnp.stack(d), *[unravel(jnp.asarray(v)) for v in vectors])
+  programs = measurements.make_programs(loss, names, (0.0, 0.1), 4)
+  point = measurements.Point(programs, dict(params=params, probe_batch=batch, names=names,
+                                            directions=directions), None)
+  got = measurements.BY_NAME["first_order"].run(point)
+  gradient = np.asarray(ravel_pytree(jax.grad(loss)(params, batch))[0], np.float64)
+  u = vectors.astype(np.float64)
+  norm = np.linalg.norm(u, axis=1)
+  np.testing.assert_allclose(got["loss"], float(loss(params, batch)), rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(ravel_pytree(got["test_grads"])[0]), gradient,
+                             rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(got["inner_product"], u @ gradient, rtol=1e-4, atol=1e-12)
+  np.testing.assert_allclose(got["norm"], norm, rtol=1e-5)
+  np.testing.assert_allclose(got["projection"], u @ gradient / norm, rtol=1e-4, atol=1e-12)
+  np.testing.assert_allclose(got["cosine"], u @ gradient / norm / np.linalg.norm(gradient),
+                             rtol=1e-4, atol=1e-12)
+  low, high = measurements.HISTOGRAM_RANGE
+  edges = np.linspace(low, high, measurements.HISTOGRAM_BINS + 1)
+  assert sorted(got["histograms"]) == ["adam", "sgd"]
+  for name, counts_and_zeros in got["histograms"].items():
+    v = np.abs(vectors[names.index(name)])
+    logs = np.clip(np.log10(v[v > 0]), low, high)  # outside the range: the end bins
+    want, _ = np.histogram(logs, edges)
+    np.testing.assert_array_equal(np.asarray(counts_and_zeros[0]), want, err_msg=name)
+    assert int(counts_and_zeros[1]) == int((v == 0).sum())
+
+
+def test_sharpness_and_its_shifted_values_equal_the_dense_hessians():
+  """Raw uᵀHu/‖u‖² of every direction, and Eq. (4)'s value at x + δu/‖u‖ for the negative
+  ones, against dense Hessians at both points."""
+  loss, params, batch = _mlp()
+  names = ["a", "b", "c"]
+  rng = np.random.default_rng(12)
+  flat, unravel = ravel_pytree(params)
+  hessian = lambda x: np.asarray(jax.hessian(lambda f: loss(unravel(f), batch))(x), np.float64)
+  dense = hessian(flat)
+  # A direction along the most negative eigenvector: its raw sharpness is negative.
+  values, vectors = np.linalg.eigh(dense)
+  assert values[0] < 0
+  directions_np = np.stack([vectors[:, 0], rng.standard_normal(flat.size),
+                            rng.standard_normal(flat.size)]).astype(np.float32)
+  directions = jax.tree.map(lambda *d: jnp.stack(d),
+                            *[unravel(jnp.asarray(v)) for v in directions_np])
+  norm_sq = (directions_np.astype(np.float64) ** 2).sum(axis=1)
+  programs = measurements.make_programs(loss, names, (0.0, 0.1), 4)
+  point = measurements.Point(programs, dict(params=params, probe_batch=batch, names=names,
+                                            directions=directions, norm_sq=norm_sq,
+                                            test_grads=params), None)
+  got = measurements.BY_NAME["sharpness"].run(point)
+  raw = np.einsum("ki,ij,kj->k", directions_np, dense, directions_np) / norm_sq
+  np.testing.assert_allclose(got["sharpness"], raw, rtol=1e-4, atol=1e-6)
+  assert got["shifted"].tolist() == (raw < 0).tolist() and got["shifted"][0]
+  v = directions_np[0].astype(np.float64)
+  moved = hessian(flat + jnp.asarray(measurements.ROBUST_DELTA * v / np.linalg.norm(v),
+                                     jnp.float32))
+  np.testing.assert_allclose(got["sharpness_robust"][0], v @ moved @ v / (v @ v), rtol=1e-4)
+  np.testing.assert_allclose(got["sharpness_robust"][1:], raw[1:], rtol=1e-4, atol=1e-6)
 
 
 def test_theorem2_holds_on_non_diagonal_instances_and_fails_when_violated():
@@ -228,8 +337,8 @@ def test_block_split_equals_the_dense_hessians_blocks_for_every_chosen_direction
   sharp = np.einsum("ki,ij,kj->k", vectors, dense, vectors) / norm_sq
   programs = measurements.make_programs(loss, names, (0.0, 0.1), 4)
   point = measurements.Point(programs, dict(params=params, probe_batch=batch, names=names,
-                                            directions=directions, norm_sq=norm_sq,
-                                            sharpness=sharp),
+                                            directions=directions, test_grads=params,
+                                            norm_sq=norm_sq, sharpness=sharp),
                              types.SimpleNamespace(block_sharpness_directions=chosen))
   split = measurements.BY_NAME["block_sharpness"].run(point)["block_sharpness"]
   expected = list(chosen) or names

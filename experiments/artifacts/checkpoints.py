@@ -15,6 +15,7 @@ import os
 import shutil
 import sys
 
+from experiments import host_memory
 from experiments.errors import RunError
 
 KEEP = 2  # steps kept per unit
@@ -133,7 +134,7 @@ def _set_aside_on_disk(path: str, tree):
       shards.append((file, shard.data.shape, shard.device))
     layouts.append((leaf.shape, leaf.dtype, leaf.sharding, shards))
     leaf.delete()
-  _return_freed_memory()
+  host_memory.return_freed()
 
   def bring_back():
     arrays = []
@@ -147,23 +148,6 @@ def _set_aside_on_disk(path: str, tree):
     return jax.tree.unflatten(treedef, arrays)
 
   return bring_back
-
-
-def _return_freed_memory() -> None:
-  """Hands the C heap's free memory back to the system (glibc's ``malloc_trim``; nothing
-  elsewhere).
-
-  On a CPU the states' leaves under glibc's mmap threshold (most of a transformer's, 1-4
-  MiB) go back to the heap when freed, not to the system, and the probe programs' large
-  buffers are mmapped apart from it: t5-small's 5.6 GiB of states, set aside, took the
-  process from 6.5 to 5.0 GiB, and to 0.8 GiB with the trim (2026-12-07).
-  """
-  import ctypes
-  import ctypes.util
-  try:
-    ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-  except (OSError, AttributeError):
-    pass  # not glibc
 
 
 def _steps(directory: str) -> list:

@@ -8,7 +8,10 @@ its cost in primitive evaluations (the planner sums these) and the preset settin
 switches it off. `measure` runs the list and frees every value once the last measurement
 that reads it has run, so the memory order follows from the declarations, not from line
 order: at the paper's sizes the 20 directions take GiBs (9.3 at GPT-Neo-125M) and are gone
-before the attribution makes its modified ones.
+before the Lanczos and SLQ programs run. Every second derivative's direction (a probe update,
+its block parts, the attribution's modified ones, the diagonal's unit vectors) is formed from
+a recipe inside the one program that differentiates along it (`Rows`), so none of them is
+ever stacked beside the probe updates.
 
 Adding a measurement is one entry in `MEASUREMENTS` (and its section in
 `experiments.sections`); the entry documents its record fields, which
@@ -32,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import optclip
+from experiments import host_memory
 from optclip import blocks as block_partition
 from optclip import curvature, geometry, spectrum
 from optclip.microbatch import as_objective
@@ -90,12 +94,68 @@ class Programs(NamedTuple):
   top_eigenvalue: Callable
   attribution: Callable
   landscape: Callable
-  unit_vectors: Callable
-  block_masks: Callable
   preconditioned_top_eigenvalue: Callable
   block_spectra: Callable
   names: list  # the probe directions' labels, in order
   width: int  # directions per second_derivatives call
+
+
+# How `second_derivatives` forms a row's direction from its source (a probe update u, with
+# the threshold τ of its row): as it is, without the coordinates |u_i| ≥ τ, clipped to
+# [-τ, τ], without the coordinates where the probe-batch gradient has |g_i| ≥ τ, or the unit
+# vector e_i of one coordinate (the Hessian diagonal; no source).
+AS_IS, WITHOUT_TOP, CLIPPED, WITHOUT_TOP_BY_GRADIENT, UNIT = range(5)
+
+
+class Rows(NamedTuple):
+  """The ``width`` directions of one `second_derivatives` call, as recipes: each is formed
+  inside the call from the K probe updates, so no stacked copy of the modified directions
+  (attribution), block parts or unit vectors is ever made (at t5-small, 20 of any of them
+  take 4.5 GiB)."""
+  source: jax.Array  # (W,) int32: the probe update a row starts from
+  keep: jax.Array  # (W, leaves) bool: the leaves it keeps (the block split); none: zero
+  op: jax.Array  # (W,) int32: AS_IS, WITHOUT_TOP, CLIPPED, WITHOUT_TOP_BY_GRADIENT or UNIT
+  tau: jax.Array  # (W,) float32: the threshold of WITHOUT_TOP, CLIPPED and ..._BY_GRADIENT
+  unit_leaf: jax.Array  # (W,) int32: UNIT's leaf
+  unit_index: jax.Array  # (W,) int32: UNIT's flat index in that leaf
+  shift: jax.Array  # (W,) float32: 1 evaluates at x + δu/‖u‖ (Appendix B, Eq. 4), 0 at x
+
+
+def make_rows(width: int, leaves: int, count: int = 0, **given) -> Rows:
+  """``width`` rows, the first ``count`` as ``given`` (arrays or scalars per field), the
+  rest zero directions (nothing kept): every call has the same shapes, so one compiled
+  program serves them all."""
+  defaults = dict(source=(np.int32, 0), keep=(bool, True), op=(np.int32, AS_IS),
+                  tau=(np.float32, 0.0), unit_leaf=(np.int32, 0), unit_index=(np.int32, 0),
+                  shift=(np.float32, 0.0))
+  fields = {}
+  for name, (dtype, default) in defaults.items():
+    shape = (width, leaves) if name == "keep" else (width,)
+    value = np.zeros(shape, dtype)
+    value[:count] = np.asarray(given.get(name, default), dtype)
+    fields[name] = jnp.asarray(value)
+  return Rows(**fields)
+
+
+def _direction(stacked, gradient, row: Rows):
+  """One row's direction (see `Rows`), leaf by leaf: elementwise, so it fuses into one pass
+  over the parameters."""
+  directions = jax.tree.leaves(stacked)
+  out = []
+  for n, (d, g) in enumerate(zip(directions, jax.tree.leaves(gradient))):
+    u = d[row.source]
+    u = jnp.where((row.op == WITHOUT_TOP) & (jnp.abs(u) >= row.tau), 0, u)
+    u = jnp.where(row.op == CLIPPED, jnp.clip(u, -row.tau, row.tau), u)
+    u = jnp.where((row.op == WITHOUT_TOP_BY_GRADIENT) & (jnp.abs(g) >= row.tau), 0, u)
+    # A unit vector: the iota is placed like u, so that the mesh sees operands placed alike.
+    index = placed_like(jax.lax.broadcasted_iota(jnp.int32, u.shape, 0), u)
+    for axis in range(1, u.ndim):
+      index = index * u.shape[axis] + placed_like(
+          jax.lax.broadcasted_iota(jnp.int32, u.shape, axis), u)
+    unit = ((row.unit_leaf == n) & (index == row.unit_index)).astype(u.dtype)
+    u = jnp.where(row.op == UNIT, unit, jnp.where(row.keep[n], u, 0))
+    out.append(u.astype(d.dtype))
+  return jax.tree.unflatten(jax.tree.structure(gradient), out)
 
 
 def make_programs(loss_fn, names, steps, lanczos_iterations, *, landscape_batch: int = 1,
@@ -121,30 +181,42 @@ def make_programs(loss_fn, names, steps, lanczos_iterations, *, landscape_batch:
     """The probe-batch loss and gradient, Eq. 1's first-order term of every direction and
     the coordinate histograms of Figure 1."""
     loss, test_grads = reverse.value_and_grad(params, test_batch)
-    correlation = jax.vmap(lambda u: optclip.gradient_correlation(test_grads, u))(stacked)
-    row = lambda name: jax.tree.map(lambda d: d[names.index(name)], stacked)
-    histograms = {n: geometry.coordinate_histogram(row(n), HISTOGRAM_BINS, HISTOGRAM_RANGE)
-                  for n in ("sgd", "adam", "adafactor") if n in names}
+
+    # One direction at a time (`jax.lax.map`, not vmap): XLA on CPU materialises the
+    # operand of every large reduction, so K directions side by side would hold K
+    # parameter-sized temporaries (4.5 GiB at t5-small).
+    def terms(u):
+      correlation = optclip.gradient_correlation(test_grads, u)
+      return (correlation.projection, correlation.cosine, geometry.tree_dot(test_grads, u),
+              geometry.tree_norm(u))
+
+    projection, cosine, inner_product, norm = jax.lax.map(terms, stacked)
+    shown = [n for n in ("sgd", "adam", "adafactor") if n in names]
+    counts, _, zeros = jax.lax.map(
+        lambda k: geometry.coordinate_histogram(jax.tree.map(lambda d: d[k], stacked),
+                                                HISTOGRAM_BINS, HISTOGRAM_RANGE),
+        jnp.asarray([names.index(n) for n in shown], jnp.int32))
     return test_grads, {
-        "loss": loss, "projection": correlation.projection, "cosine": correlation.cosine,
-        "inner_product": jax.vmap(lambda u: geometry.tree_dot(test_grads, u))(stacked),
-        "norm": jax.vmap(geometry.tree_norm)(stacked),
-        "histograms": {n: (h[0], h[2]) for n, h in histograms.items()}}
+        "loss": loss, "projection": projection, "cosine": cosine,
+        "inner_product": inner_product, "norm": norm,
+        "histograms": {n: (counts[i], zeros[i]) for i, n in enumerate(shown)}}
 
   @jax.jit
-  def second_derivatives(params, stacked, shifts, test_batch):
-    """uᵀ∇²f(x + s·δ·u/‖u‖)u for each of ``width`` (direction u, shift s ∈ {0, 1}): s = 1
-    is Appendix B's Eq. (4). Exact (Taylor mode, as `optclip.directional_sharpness`), one
+  def second_derivatives(params, stacked, gradient, recipes: Rows, test_batch):
+    """(uᵀ∇²f(x + s·δ·u/‖u‖)u, ‖u‖²) for each of ``width`` directions u formed from the
+    stacked probe updates and the probe-batch gradient by ``recipes`` (`Rows`; s = 1 is
+    Appendix B's Eq. 4). Exact (Taylor mode, as `optclip.directional_sharpness`), one
     direction at a time: on CPU that is faster than vmapping them, and it keeps one
-    direction's tangents in memory."""
-    def one(args):
-      u, shift = args
-      scale = shift * ROBUST_DELTA / jnp.maximum(geometry.tree_norm(u), 1e-30)
+    direction and its tangents in memory."""
+    def one(row):
+      u = _direction(stacked, gradient, row)
+      norm_sq = geometry.tree_dot(u, u)
+      scale = row.shift * ROBUST_DELTA / jnp.maximum(jnp.sqrt(norm_sq), 1e-30)
       point = jax.tree.map(lambda x, d: (x + scale * d).astype(x.dtype), params, u)
       return forward.apply(lambda f: geometry.second_derivative(f, point, u, "auto"),
-                           test_batch)
+                           test_batch), norm_sq
 
-    return jax.lax.map(one, (stacked, shifts))
+    return jax.lax.map(one, recipes)
 
   def hvp(params, vector, test_batch):
     return reverse.apply(lambda f: curvature.hessian_vector_product(f, params, vector),
@@ -172,63 +244,30 @@ def make_programs(loss_fn, names, steps, lanczos_iterations, *, landscape_batch:
 
   @jax.jit
   def attribution(params, sgd_update, test_grads, test_batch):
-    """SGD's sharpness and its attribution to the top coordinates by |u| and by |g|; the
-    modified directions (u without its top by |u|, u clipped, u without its top by |g|;
-    then zero directions up to ``width``) come back for `second_derivatives`."""
+    """SGD's sharpness, its attribution to the top coordinates by |u| and by |g|, and the
+    thresholds (u's and g's own, per fraction) whose modified directions
+    `second_derivatives` forms (`WITHOUT_TOP`, `CLIPPED`, `WITHOUT_TOP_BY_GRADIENT`)."""
     product = hvp(params, sgd_update, test_batch)
     taus = [optclip.clip_threshold(sgd_update, f) for f in ATTRIBUTION_FRACTIONS]
-    share, norm_share, modified = geometry.attribution_terms(
+    taus_g = [optclip.clip_threshold(test_grads, f) for f in ATTRIBUTION_FRACTIONS]
+    # The modified directions these return are never used here: XLA drops them.
+    share, norm_share, _ = geometry.attribution_terms(
         sgd_update, product, ATTRIBUTION_FRACTIONS, thresholds=taus)
-    share_g, norm_share_g, modified_g = geometry.attribution_terms(
-        sgd_update, product, ATTRIBUTION_FRACTIONS, select_by=test_grads, thresholds=taus)
-    count = len(ATTRIBUTION_FRACTIONS)
-    # Padded here to `width` with zero directions, so that no padded copy is made later.
-    modified = jax.tree.map(lambda a, b: jnp.concatenate(
-        [a, b[:count], _zero_rows(a, width - 3 * count)]), modified,
-        modified_g)
+    share_g, norm_share_g, _ = geometry.attribution_terms(
+        sgd_update, product, ATTRIBUTION_FRACTIONS, select_by=test_grads, thresholds=taus,
+        select_thresholds=taus_g)
     sharpness = (geometry.tree_dot(sgd_update, product)
                  / geometry.tree_dot(sgd_update, sgd_update))
-    return (sharpness, share, norm_share, share_g, norm_share_g,
-            jax.vmap(lambda u: geometry.tree_dot(u, u))(modified), modified)
+    return (sharpness, share, norm_share, share_g, norm_share_g, jnp.stack(taus),
+            jnp.stack(taus_g))
 
   @jax.jit
   def landscape(params, stacked, test_batch):
     return forward.apply(lambda f: optclip.landscape(f, params, stacked, steps,
                                                      batch_size=landscape_batch), test_batch)
 
-  @jax.jit
-  def unit_vectors(params, leaf_ids, flat_indices):
-    """Unit vectors e_i shaped like params, stacked, at (leaf, flat index) pairs."""
-    rows = jnp.arange(leaf_ids.shape[0])
-    return jax.tree.unflatten(jax.tree.structure(params), [
-        jnp.zeros((rows.shape[0], leaf.size), leaf.dtype).at[rows, flat_indices].set(
-            (leaf_ids == n).astype(leaf.dtype)).reshape((-1,) + leaf.shape)
-        for n, leaf in enumerate(jax.tree.leaves(params))])
-
-  @jax.jit
-  def block_masks(stacked, rows, keep):
-    """Directions ``stacked[rows[j]]`` with only the leaves ``keep[j]`` marks (one flag per
-    leaf) left, the others zero: the parts u_b of the block split."""
-    return jax.tree.unflatten(jax.tree.structure(stacked), [
-        jnp.where(keep[:, n].reshape((-1,) + (1,) * (d.ndim - 1)), d[rows], 0).astype(d.dtype)
-        for n, d in enumerate(jax.tree.leaves(stacked))])
-
   return Programs(first_order, second_derivatives, top_eigenvalue, attribution, landscape,
-                  unit_vectors, block_masks, preconditioned_top_eigenvalue, block_spectra,
-                  list(names), width)
-
-
-def _pad(stacked, count):
-  """``stacked`` (k directions) padded with zero directions to ``count`` (no copy at k =
-  ``count``: at GPT-Neo-125M the 20 directions take 9.3 GiB)."""
-  return jax.tree.map(lambda d: d if d.shape[0] == count else jnp.concatenate(
-      [d, _zero_rows(d, count - d.shape[0])]), stacked)
-
-
-def _zero_rows(stacked, count):
-  """``count`` zero directions shaped and placed like the rows of ``stacked`` (under an
-  explicit-sharding mesh a concatenation needs its operands placed alike)."""
-  return placed_like(jnp.zeros((count,) + stacked.shape[1:], stacked.dtype), stacked)
+                  preconditioned_top_eigenvalue, block_spectra, list(names), width)
 
 
 class Point(NamedTuple):
@@ -241,14 +280,16 @@ class Point(NamedTuple):
   def __getitem__(self, name):
     return self.values[name]
 
-  def second(self, directions, shifts=()):
-    """Second derivatives along ``directions`` padded to ``width`` (shifted where told)."""
-    width = self.programs.width
-    padded = np.zeros(width, np.float32)
-    padded[:len(shifts)] = shifts
-    values = self.programs.second_derivatives(self["params"], _pad(directions, width),
-                                              jnp.asarray(padded), self["probe_batch"])
-    return np.asarray(values, np.float64)
+  def second(self, count: int = 0, **given) -> tuple:
+    """(second derivatives, squared norms) of the ``count`` directions that ``given``
+    describes (fields of `Rows`), formed from the point's probe updates; float64, of length
+    ``count``."""
+    programs = self.programs
+    leaves = len(jax.tree.leaves(self["params"]))
+    values, norm_sq = programs.second_derivatives(
+        self["params"], self["directions"], self["test_grads"],
+        make_rows(programs.width, leaves, count, **given), self["probe_batch"])
+    return (np.asarray(values, np.float64)[:count], np.asarray(norm_sq, np.float64)[:count])
 
 
 # --- the measurements, in the order they run -----------------------------------------------
@@ -264,11 +305,12 @@ def _first_order(point: Point) -> dict:
 def _sharpness(point: Point) -> dict:
   count, norm_sq = len(point["names"]), point["norm_sq"]
   with np.errstate(divide="ignore", invalid="ignore"):  # a zero direction: undefined
-    raw = point.second(point["directions"])[:count] / norm_sq
+    raw = point.second(count, source=np.arange(count))[0] / norm_sq
   shifted = raw < 0
   robust = raw.copy()
   if shifted.any():  # Appendix B, Eq. (4): re-evaluated at x + δu/‖u‖
-    robust[shifted] = (point.second(point["directions"], shifted)[:count] / norm_sq)[shifted]
+    again = point.second(count, source=np.arange(count), shift=shifted)[0] / norm_sq
+    robust[shifted] = again[shifted]
   return {"sharpness": raw, "sharpness_robust": robust, "shifted": shifted}
 
 
@@ -301,14 +343,8 @@ def _block_sharpness(point: Point) -> dict:
   values = np.zeros((len(names), len(blocks)))
   for start in range(0, len(pairs), programs.width):
     chunk = pairs[start:start + programs.width]
-    rows = np.zeros(programs.width, np.int32)
-    keep = np.zeros((programs.width, len(labels)), bool)
-    for j, (k, b) in enumerate(chunk):
-      rows[j] = k
-      keep[j] = [label == blocks[b] for label in labels]
-    parts = programs.block_masks(point["directions"], jnp.asarray(rows), jnp.asarray(keep))
-    second = point.second(parts)[:len(chunk)]
-    del parts
+    keep = [[label == blocks[b] for label in labels] for _, b in chunk]
+    second, _ = point.second(len(chunk), source=[k for k, _ in chunk], keep=keep)
     for (k, b), value in zip(chunk, second):
       values[k, b] = value
   with np.errstate(divide="ignore", invalid="ignore"):  # a zero direction: undefined
@@ -324,36 +360,36 @@ def _sgd_direction(point: Point) -> dict:
 
 
 def _attribution(point: Point) -> dict:
-  (sgd_sharpness, share, norm_share, share_g, norm_share_g, modified_norm_sq,
-   modified) = point.programs.attribution(point["params"], point["sgd_update"],
-                                          point["test_grads"], point["probe_batch"])
-  fractions = len(ATTRIBUTION_FRACTIONS)
+  (sgd_sharpness, share, norm_share, share_g, norm_share_g, taus,
+   taus_g) = point.programs.attribution(point["params"], point["sgd_update"],
+                                        point["test_grads"], point["probe_batch"])
+  count = len(ATTRIBUTION_FRACTIONS)
+  taus, taus_g = np.asarray(taus), np.asarray(taus_g)
+  # u without its top by |u|, u clipped, u without its top by |g|: one row each per fraction.
+  second, modified_norm_sq = point.second(
+      3 * count, source=point["names"].index("sgd"),
+      op=[WITHOUT_TOP] * count + [CLIPPED] * count + [WITHOUT_TOP_BY_GRADIENT] * count,
+      tau=np.concatenate([taus, taus, taus_g]))
   with np.errstate(divide="ignore", invalid="ignore"):  # nothing left after removal: undefined
-    attributed = (point.second(modified)[:3 * fractions]
-                  / np.asarray(modified_norm_sq, np.float64)[:3 * fractions])
-  del modified
+    attributed = second / modified_norm_sq
   return {"attribution": {
       "fractions": list(ATTRIBUTION_FRACTIONS), "sharpness": float(sgd_sharpness),
       "share": share, "norm_share": norm_share, "share_by_gradient": share_g,
       "norm_share_by_gradient": norm_share_g,
-      "sharpness_without": attributed[:fractions],
-      "sharpness_clipped": attributed[fractions:2 * fractions],
-      "sharpness_without_by_gradient": attributed[2 * fractions:]}}
+      "sharpness_without": attributed[:count],
+      "sharpness_clipped": attributed[count:2 * count],
+      "sharpness_without_by_gradient": attributed[2 * count:]}}
 
 
 def _diagonal_entries(point: Point, sample) -> np.ndarray:
   """Exact H_ii at the sampled coordinates, ``width`` unit vectors per call."""
-  programs = point.programs
   leaf_ids = np.concatenate([np.full(len(i), n) for n, i in enumerate(sample.values())])
   flat = np.concatenate(list(sample.values()))
-  width, values = programs.width, []
+  width, values = point.programs.width, []
   for start in range(0, len(flat), width):
     count = min(width, len(flat) - start)
-    ids, index = np.full(width, -1, np.int32), np.zeros(width, np.int32)
-    ids[:count], index[:count] = leaf_ids[start:start + count], flat[start:start + count]
-    units = programs.unit_vectors(point["params"], jnp.asarray(ids), jnp.asarray(index))
-    values.append(np.asarray(programs.second_derivatives(
-        point["params"], units, jnp.zeros(width, jnp.float32), point["probe_batch"]))[:count])
+    values.append(point.second(count, op=UNIT, unit_leaf=leaf_ids[start:start + count],
+                               unit_index=flat[start:start + count])[0])
   return np.concatenate(values) if values else np.zeros(0)
 
 
@@ -426,7 +462,8 @@ MEASUREMENTS = (
         produces=("test_grads", "norm_sq"), programs=("first_order",),
         cost=lambda s: Cost(gradients=1)),
     Measurement(
-        "sharpness", ("params", "directions", "probe_batch", "names", "norm_sq"), _sharpness,
+        "sharpness", ("params", "directions", "test_grads", "probe_batch", "names", "norm_sq"),
+        _sharpness,
         fields={"sharpness": "per direction: uᵀ∇²f(x)u/‖u‖², exact (Taylor mode), raw",
                 "sharpness_robust": "per direction: Eq. 4's value at x + δu/‖u‖ where the raw "
                                     "one is negative, else the raw one",
@@ -440,20 +477,21 @@ MEASUREMENTS = (
         programs=("landscape",), cost=lambda s: Cost(forwards=s.directions * s.steps),
         off=lambda p: None if len(p.landscape_steps) > 1 else "landscape_steps=(0.0,)"),
     Measurement(
-        "block_sharpness", ("params", "directions", "probe_batch", "names", "norm_sq",
-                            "sharpness"), _block_sharpness,
+        "block_sharpness", ("params", "directions", "test_grads", "probe_batch", "names",
+                            "norm_sq", "sharpness"), _block_sharpness,
         fields={"block_sharpness": "{directions: the D directions split (the preset's "
                                    "block_sharpness_directions, or every probe update), "
                                    "blocks: the parameter blocks by kind, diagonal: D × B "
                                    "values u_bᵀ∇²f u_b/‖u‖², cross_share: per direction "
                                    "1 − Σ_b diagonal / sharpness}"},
-        programs=("block_masks", "second_derivatives"),
+        programs=("second_derivatives",),
         cost=lambda s: Cost(second_derivatives=s.width * -(-s.block_directions * s.blocks
                                                            // s.width))),
     Measurement("sgd_direction", ("directions", "names"), _sgd_direction,
                 produces=("sgd_update",)),
     Measurement(
-        "attribution", ("params", "sgd_update", "test_grads", "probe_batch"), _attribution,
+        "attribution", ("params", "directions", "names", "sgd_update", "test_grads",
+                        "probe_batch"), _attribution,
         fields={"attribution": "SGD's direction: {fractions, sharpness, share (of uᵀHu carried "
                                "by the top fraction by |u|), norm_share, share_by_gradient, "
                                "norm_share_by_gradient, sharpness_without (top by |u| "
@@ -462,13 +500,13 @@ MEASUREMENTS = (
         programs=("attribution", "second_derivatives"),
         cost=lambda s: Cost(hessian_vector_products=1, second_derivatives=s.width)),
     Measurement(
-        "hessian_diagonal", ("params", "probe_batch", "sample", "diagonal_here", "test_grads",
-                             "sgd_update"), _hessian_diagonal,
+        "hessian_diagonal", ("params", "directions", "probe_batch", "sample", "diagonal_here",
+                             "test_grads", "sgd_update"), _hessian_diagonal,
         fields={"curvature_sample": "{leaf_shapes, hessian_diagonal: {leaf: exact H_ii at the "
                                     "sampled coordinates}, gradient, sgd_update: the same "
                                     "coordinates of the probe-batch gradient and of SGD's "
                                     "direction}"},
-        programs=("unit_vectors", "second_derivatives"),
+        programs=("second_derivatives",),
         cost=lambda s: Cost(second_derivatives=s.width * s.diagonal_calls),
         off=lambda p: None if p.curvature_samples > 0 else "curvature_samples=0"),
     Measurement(
@@ -529,7 +567,9 @@ def measure(programs: Programs, inputs: dict, preset, measurements=MEASUREMENTS)
 
   ``inputs`` are the point's inputs (see the module docstring); ``directions`` is consumed.
   A value is dropped (its device buffers freed, unless the caller owns it) right after the
-  last measurement that reads it.
+  last measurement that reads it, and the host's freed memory goes back to the system after
+  every measurement (`experiments.host_memory`: on a CPU the freed buffers and each
+  program's compile-time memory would otherwise stay in the process).
   """
   chosen = active(preset, measurements)
   last_reader = {}
@@ -549,6 +589,7 @@ def measure(programs: Programs, inputs: dict, preset, measurements=MEASUREMENTS)
       value = values.pop(name)
       if name not in CALLER_OWNED:
         _release(value)
+    host_memory.return_freed()
   return record
 
 

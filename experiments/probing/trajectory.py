@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import optclip
+from experiments import host_memory
 from experiments.artifacts import checkpoints
 from experiments.probing import measurements, pilot
 from experiments.probing.probes import PROBES, TRAJECTORIES, train_transform
@@ -206,6 +207,7 @@ def run(ctx, task, trajectory: str, seed: int, *, kind: str = "transformer",
         # The directions: the step on the next training batch from x, not taken (the
         # trajectory itself goes on unchanged).
         next_batch = place_batch(next(task.epoch_batches(seed, epoch)))
+        host_memory.return_freed()  # what compiling and training left in the heap
         stacked, clip_statistics = directions(state, next_batch)
         # Read before the states may go to disk: Adam's live P = √v̂ + ε (on the Adam
         # trajectory the Adam probe is the optimizer that trains).
