@@ -182,6 +182,9 @@ def run(ctx, task, trajectory: str, seed: int, *, kind: str = "transformer",
   learning_rate = learning_rate or pilot.learning_rate(ctx, task.name, trajectory, kind=kind,
                                                        epochs=epochs, model_name=model_name)
   context, place, place_batch = sharding.placement(ctx.mesh)
+  # What the previous unit's programs and states left in the heap (at t5-small's full size
+  # the second trajectory started 19.3 GiB resident, against 14 GiB for the first).
+  host_memory.return_freed()
   fields = dict(kind=kind, task=task.name, trajectory=trajectory, seed=seed,
                 **({"model": model_name} if model_name else {}))
   with context:
